@@ -1,0 +1,174 @@
+"""``bnb4``: bitsandbytes 4-bit linear layers (``Linear4bit``, NF4 or FP4, blockwise absmax)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from pydantic import Field
+from torch import nn
+
+from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
+
+
+class Bnb4Options(PluginOptions):
+    """Options of the ``bnb4`` backend (used when it quantizes a float layer)."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit code: NormalFloat4 or FP4.")
+    compute_dtype: FloatName | None = Field(
+        None, description="dtype the matmul runs in; None runs in the input's dtype."
+    )
+    compress_statistics: bool = Field(
+        True, description="Quantize the per-block absmax scales again (double quantization)."
+    )
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="Weights per absmax block.")
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
+        "uint8", description="dtype the packed 4-bit codes are stored in (FSDP wants the float dtype)."
+    )
+
+
+def _to_storage(data: torch.Tensor, state: bnbF.QuantState) -> QuantizedWeight:
+    tensors = {"data": data, "absmax": state.absmax, "code": state.code}
+    meta: dict = {
+        "quant_type": state.quant_type,
+        "blocksize": state.blocksize,
+        "shape": tuple(state.shape),
+        "dtype": state.dtype,
+        "nested": state.nested,
+    }
+    if state.nested:
+        tensors.update(offset=state.offset, nested_absmax=state.state2.absmax, nested_code=state.state2.code)
+        meta.update(nested_blocksize=state.state2.blocksize, nested_dtype=state.state2.dtype)
+    return QuantizedWeight(tensors, meta)
+
+
+def _to_quant_state(storage: QuantizedWeight) -> bnbF.QuantState:
+    t, m = storage.tensors, storage.meta
+    state2 = None
+    if m["nested"]:
+        state2 = bnbF.QuantState(
+            absmax=t["nested_absmax"], code=t["nested_code"], blocksize=m["nested_blocksize"], dtype=m["nested_dtype"]
+        )
+    return bnbF.QuantState(
+        absmax=t["absmax"],
+        shape=torch.Size(m["shape"]),
+        code=t["code"],
+        blocksize=m["blocksize"],
+        quant_type=m["quant_type"],
+        dtype=m["dtype"],
+        offset=t.get("offset"),
+        state2=state2,
+    )
+
+
+def _canonical(module: nn.Module) -> None:
+    # On CPUs with AVX512-BF16, Linear4bit's own eval forward repacks the weight into a
+    # CPU-only layout. Storage, merges and snapshots all use the portable layout.
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        module.weight.data, module.weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
+            module.weight.data, state
+        )
+
+
+class Bnb4Backend(Backend):
+    """Blockwise 4-bit weights.
+
+    Storage: ``data`` (packed codes, two per byte), ``absmax`` (one scale per block), ``code``
+    (the 16 levels); with double quantization also ``offset``, ``nested_absmax``, ``nested_code``.
+    """
+
+    Options = Bnb4Options
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None
+
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        opts = self.options
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=float_dtype(opts.compute_dtype),
+            compress_statistics=opts.compress_statistics,
+            quant_type=opts.quant_type,
+            quant_storage=_STORAGE_DTYPES[opts.quant_storage],
+            device="meta",
+        )
+        storage = self._quantize_weight(linear.weight.detach(), linear.weight.dtype)
+        layer.weight = bnb.nn.Params4bit(
+            storage.tensors["data"],
+            requires_grad=False,
+            quant_state=_to_quant_state(storage),
+            blocksize=opts.blocksize,
+            compress_statistics=opts.compress_statistics,
+            quant_type=opts.quant_type,
+            quant_storage=_STORAGE_DTYPES[opts.quant_storage],
+            module=layer,
+            bnb_quantized=True,
+        )
+        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def _quantize_weight(
+        self,
+        weight: torch.Tensor,
+        dtype: torch.dtype,
+        *,
+        quant_type: str | None = None,
+        blocksize: int | None = None,
+        compress_statistics: bool | None = None,
+        quant_storage: torch.dtype | None = None,
+    ) -> QuantizedWeight:
+        opts = self.options
+        data, state = bnbF.quantize_4bit(
+            weight.contiguous(),
+            blocksize=blocksize or opts.blocksize,
+            compress_statistics=opts.compress_statistics if compress_statistics is None else compress_statistics,
+            quant_type=quant_type or opts.quant_type,
+            quant_storage=quant_storage or _STORAGE_DTYPES[opts.quant_storage],
+        )
+        # Scales are computed from the float32 weight; dequantize still returns the layer's dtype.
+        state.dtype = dtype
+        return _to_storage(data, state)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def get_storage(self, module: nn.Module) -> QuantizedWeight:
+        _canonical(module)
+        return _to_storage(module.weight.data, module.weight.quant_state)
+
+    def set_storage(self, module: nn.Module, storage: QuantizedWeight) -> None:
+        state = _to_quant_state(storage)
+        module.weight.data = storage.tensors["data"]
+        module.weight.quant_state = state
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = state
+
+    def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
+        return bnbF.dequantize_4bit(storage.tensors["data"], _to_quant_state(storage)).float()
+
+    def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        m = like.meta
+        return self._quantize_weight(
+            weight.detach().float().to(like.tensors["data"].device),
+            m["dtype"],
+            quant_type=m["quant_type"],
+            blocksize=m["blocksize"],
+            compress_statistics=m["nested"],
+            quant_storage=like.tensors["data"].dtype,
+        )
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        _canonical(module)
+        compute = module.compute_dtype or x.dtype
+        bias = None if module.bias is None else module.bias.to(compute)
+        out = bnb.matmul_4bit(x.to(compute), module.weight, bias=bias, quant_state=module.weight.quant_state)
+        # Autograd through a view of the 4-bit matmul's output can fail; give callers a fresh tensor.
+        return out.clone()

@@ -1,0 +1,86 @@
+"""``bnb8``: bitsandbytes LLM.int8() linear layers (``Linear8bitLt`` with int8 weights)."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from pydantic import Field
+from torch import nn
+
+from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+
+
+class Bnb8Options(PluginOptions):
+    """Options of the ``bnb8`` backend."""
+
+    threshold: float = Field(
+        0.0,
+        ge=0.0,
+        description="Outlier threshold of LLM.int8(): input columns above it run in 16-bit (0 disables).",
+    )
+
+
+def _scales(module: nn.Module) -> torch.Tensor | None:
+    # Linear8bitLt moves CB/SCB from the weight into its matmul state on first forward.
+    scb = module.state.SCB
+    return scb if scb is not None else getattr(module.weight, "SCB", None)
+
+
+class Bnb8Backend(Backend):
+    """Row-wise absmax int8 weights: ``W ~ CB * SCB[:, None] / 127``.
+
+    Storage: ``CB [out, in] int8`` and ``SCB [out] float32``.
+    """
+
+    Options = Bnb8Options
+
+    def owns(self, module: nn.Module) -> bool:
+        return (
+            isinstance(module, bnb.nn.Linear8bitLt)
+            and not module.state.has_fp16_weights
+            and module.weight.dtype == torch.int8
+            and _scales(module) is not None
+        )
+
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=self.options.threshold,
+            device="meta",
+        )
+        device = linear.weight.device
+        storage = self.requantize(linear.weight.detach().float(), like=QuantizedWeight({}, {}))
+        layer.weight = bnb.nn.Int8Params(storage.tensors["CB"].to(device), requires_grad=False, has_fp16_weights=False)
+        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.set_storage(layer, QuantizedWeight({k: v.to(device) for k, v in storage.tensors.items()}))
+        return layer
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def get_storage(self, module: nn.Module) -> QuantizedWeight:
+        return QuantizedWeight({"CB": module.weight.data, "SCB": _scales(module)})
+
+    def set_storage(self, module: nn.Module, storage: QuantizedWeight) -> None:
+        weight = module.weight
+        weight.data = storage.tensors["CB"]
+        weight.CB = storage.tensors["CB"]
+        weight.SCB = storage.tensors["SCB"]
+        # Drop the matmul state's copies; the next forward takes them from the weight again.
+        module.state.CB = None
+        module.state.SCB = None
+        module.state.reset_grads()
+
+    def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
+        return bnbF.int8_vectorwise_dequant(storage.tensors["CB"], storage.tensors["SCB"]).float()
+
+    def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        cb, scb, _ = bnbF.int8_vectorwise_quant(weight.detach().float().contiguous())
+        return QuantizedWeight({"CB": cb, "SCB": scb})
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)

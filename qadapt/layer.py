@@ -1,0 +1,310 @@
+"""``QuantAdapterLinear``: one method's adapters on one backend's quantized linear layer.
+
+Written once for every method x backend pair: the forward, the merge protocol (dequantize, apply
+the adapter to the float weight, check, requantize, swap) and both ways back (exact snapshot
+restore, or the method's inverse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from qadapt import registry
+from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, TargetError, UnsafeMergeError
+from qadapt.protocols import Backend, Method, QuantizedWeight
+
+UnmergeMode = Literal["exact", "inverse"]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What one layer's merge measured.
+
+    ``error``: relative Frobenius norm ``||deq(requant(W')) - W'|| / ||W'||`` between the exact
+    float merged weight ``W'`` and what the quantized storage now holds.
+    ``delta_retained``: the share of the adapter's change ``W' - W`` that survived
+    requantization (projection of the stored change onto the intended one; 1.0 is all of it,
+    0.0 means it was rounded away). None when the adapter changes nothing.
+    """
+
+    adapter: str
+    error: float
+    delta_retained: float | None
+
+    def __float__(self) -> float:
+        return self.error
+
+
+@dataclass
+class _MergedState:
+    adapter: str
+    snapshot: QuantizedWeight | None
+
+
+def _resolve_plugin(kind: type, family: str, plugin: Any, options: Any) -> Any:
+    if isinstance(plugin, kind):
+        if options is not None:
+            raise ConfigError(f"{family[:-1]} options given for an already built {family[:-1]} instance")
+        return plugin
+    if isinstance(plugin, str):
+        cls = registry.load(family, plugin)  # type: ignore[arg-type]
+        return cls(options)
+    raise TypeError(
+        f"{family[:-1]} must be a plugin name (str) or a {kind.__name__} instance, got {type(plugin).__name__}"
+    )
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class QuantAdapterLinear(nn.Module):
+    """A quantized linear layer (``base``) with named adapters of one or more methods.
+
+    Args:
+        base: a module the backend owns, or a float ``nn.Linear`` that the backend quantizes.
+        method: a method plugin name (``"oft"``) or a :class:`Method` instance.
+        backend: a backend plugin name (``"bnb4"``) or a :class:`Backend` instance.
+        adapter_name: name of the first adapter.
+        method_options / backend_options: options (dict or options model) when names are given.
+        shared: shared method state (see :meth:`Method.create_shared`); created for this layer
+            alone when omitted.
+
+    Input ``[..., in_features]``, output ``[..., out_features]`` in the input's dtype (or the
+    autocast dtype under ``torch.autocast``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        method: Method | str,
+        backend: Backend | str,
+        *,
+        adapter_name: str = "default",
+        method_options: Any = None,
+        backend_options: Any = None,
+        shared: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        backend_obj: Backend = _resolve_plugin(Backend, "backends", backend, backend_options)
+        method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
+        if isinstance(base, QuantAdapterLinear):
+            raise TargetError("this layer is already a QuantAdapterLinear; add an adapter with add_adapter()")
+        if not backend_obj.owns(base):
+            if type(base) is not nn.Linear:
+                raise TargetError(
+                    f"backend {backend_obj.name!r} cannot adapt a {type(base).__name__}: "
+                    "it takes a float nn.Linear or a layer it quantized itself"
+                )
+            in_f, out_f = base.in_features, base.out_features
+            method_obj.check_layer(in_f, out_f)
+            base = backend_obj.quantize(base)
+        self.base = base
+        self.base.requires_grad_(False)
+        self.backend = backend_obj
+        self.in_features, self.out_features = backend_obj.features(base)
+        self.adapters = nn.ModuleDict()
+        self.methods: dict[str, Method] = {}
+        self.active_adapter: str | None = None
+        self.adapters_enabled = True
+        self._merged: _MergedState | None = None
+        self.add_adapter(adapter_name, method_obj, shared=shared)
+
+    # ----------------------------------------------------------------- adapters
+
+    def add_adapter(
+        self, name: str, method: Method | str, *, method_options: Any = None, shared: nn.Module | None = None
+    ) -> nn.Module:
+        """Create adapter ``name`` with ``method`` and make it active. Returns the adapter module."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"adapter_name must be a Python identifier, got {name!r}")
+        if name in self.adapters:
+            raise ConfigError(f"adapter {name!r} already exists on this layer; delete_adapter() it first")
+        method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
+        method_obj.check_layer(self.in_features, self.out_features)
+        if shared is None:
+            shared = method_obj.create_shared([(self.in_features, self.out_features)])
+        adapter = method_obj.create_adapter(self.in_features, self.out_features, shared)
+        device = next((t.device for t in self.base.parameters()), None)
+        if device is not None:
+            adapter.to(device)
+        self.adapters[name] = adapter
+        self.methods[name] = method_obj
+        self.active_adapter = name
+        return adapter
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the adapter used by forward and merge."""
+        self._require_adapter(name)
+        if self._merged is not None and self._merged.adapter != name:
+            raise AdapterStateError(
+                f"adapter {self._merged.adapter!r} is merged; unmerge() before switching to {name!r}"
+            )
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
+        self._require_adapter(name)
+        if self._merged is not None and self._merged.adapter == name:
+            raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        del self.adapters[name]
+        del self.methods[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Turn the adapters on or off in forward (off: the plain quantized layer)."""
+        if not enabled and self._merged is not None:
+            raise AdapterStateError("cannot disable adapters while one is merged; unmerge() first")
+        self.adapters_enabled = enabled
+
+    def disable_adapters(self) -> None:
+        """Same as ``enable_adapters(False)``."""
+        self.enable_adapters(False)
+
+    def _require_adapter(self, name: str | None) -> str:
+        if name is None:
+            if self.active_adapter is None:
+                raise AdapterStateError("this layer has no adapter")
+            return self.active_adapter
+        if name not in self.adapters:
+            raise ConfigError(f"no adapter named {name!r} on this layer; adapters: {', '.join(self.adapters)}")
+        return name
+
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
+
+    @property
+    def merged_adapter(self) -> str | None:
+        return None if self._merged is None else self._merged.adapter
+
+    # ------------------------------------------------------------------ forward
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen quantized layer alone (with whatever is merged into it)."""
+        return self.backend.forward(self.base, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = _output_dtype(x)
+        base_forward = partial(self.backend.forward, self.base)
+        if self._merged is not None or not self.adapters_enabled or self.active_adapter is None:
+            out = base_forward(x)
+        else:
+            name = self.active_adapter
+            out = self.methods[name].forward(self.adapters[name], x, base_forward)
+        return out.to(out_dtype)
+
+    # -------------------------------------------------------------------- merge
+
+    def _check_can_merge(self) -> None:
+        caps = self.backend.capabilities
+        if not caps.requantize:
+            raise CapabilityError(
+                f"backend {self.backend.name!r} cannot requantize, so adapters stay unmerged on it "
+                "(its forward is kept with the adapter applied on top)"
+            )
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True, adapter_name: str | None = None, keep_snapshot: bool = True) -> MergeResult:
+        """Fold an adapter into the quantized weight.
+
+        Dequantizes to float32, applies the method to the weight, checks the result is finite
+        (``safe``), requantizes with the layer's settings, and only then swaps the storage in.
+        With ``keep_snapshot`` the old storage is kept for a bit-identical ``unmerge("exact")``.
+
+        Raises:
+            AdapterStateError: an adapter is already merged.
+            UnsafeMergeError: ``safe`` and the merged weight has NaN/Inf; nothing was written.
+        """
+        name = self._require_adapter(adapter_name)
+        if self._merged is not None:
+            raise AdapterStateError(
+                f"adapter {self._merged.adapter!r} is already merged into this layer; unmerge() first"
+            )
+        self._check_can_merge()
+        if keep_snapshot and not self.backend.capabilities.snapshot:
+            raise CapabilityError(
+                f"backend {self.backend.name!r} cannot snapshot its storage; merge with keep_snapshot=False"
+            )
+        storage = self.backend.get_storage(self.base)
+        weight = self.backend.dequantize(storage).float()
+        merged = self.methods[name].merge_weight(self.adapters[name], weight).float()
+        if safe:
+            _check_finite(merged, f"merging adapter {name!r}")
+        new_storage = self.backend.requantize(merged, like=storage)
+        result = _measure(name, weight, merged, self.backend.dequantize(new_storage))
+        snapshot = storage.clone() if keep_snapshot else None
+        self.backend.set_storage(self.base, new_storage)
+        self._merged = _MergedState(name, snapshot)
+        return result
+
+    @torch.no_grad()
+    def unmerge(self, mode: UnmergeMode = "exact", safe: bool = True) -> None:
+        """Take the merged adapter back out of the weight.
+
+        ``"exact"`` restores the storage snapshot taken at merge (bit-identical). ``"inverse"``
+        computes ``method.unmerge_weight`` on the dequantized weight and requantizes (no memory
+        held while merged; the result carries the quantization error of two round trips).
+
+        Raises:
+            AdapterStateError: nothing is merged, or ``"exact"`` without a snapshot.
+        """
+        if mode not in ("exact", "inverse"):
+            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
+        if self._merged is None:
+            raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
+        state = self._merged
+        if mode == "exact":
+            if state.snapshot is None:
+                raise AdapterStateError(
+                    "no snapshot was kept at merge (keep_snapshot=False); use unmerge(mode='inverse')"
+                )
+            self.backend.restore(self.base, state.snapshot)
+        else:
+            self._check_can_merge()
+            storage = self.backend.get_storage(self.base)
+            weight = self.backend.dequantize(storage).float()
+            restored = self.methods[state.adapter].unmerge_weight(self.adapters[state.adapter], weight).float()
+            if safe:
+                _check_finite(restored, f"unmerging adapter {state.adapter!r}")
+            self.backend.set_storage(self.base, self.backend.requantize(restored, like=storage))
+        self._merged = None
+
+    # --------------------------------------------------------------- reporting
+
+    def extra_repr(self) -> str:
+        methods = ", ".join(f"{name}: {m.describe()}" for name, m in self.methods.items())
+        state = f", merged={self._merged.adapter!r}" if self._merged else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"backend={self.backend.describe()}, adapters={{{methods}}}, active={self.active_adapter!r}{state}"
+        )
+
+
+def _check_finite(weight: torch.Tensor, what: str) -> None:
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise UnsafeMergeError(
+            f"{what} gives {bad} non-finite value(s) of {weight.numel()} (NaN/Inf); nothing was written"
+        )
+
+
+def _measure(name: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor) -> MergeResult:
+    norm = torch.linalg.vector_norm(target)
+    error = float(torch.linalg.vector_norm(stored - target) / norm) if norm > 0 else 0.0
+    intended = target - before
+    intended_sq = float(torch.sum(intended * intended))
+    retained = None
+    if intended_sq > 0:
+        retained = float(torch.sum((stored - before) * intended)) / intended_sq
+    return MergeResult(name, error, retained)

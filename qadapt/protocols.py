@@ -1,0 +1,216 @@
+"""The two plugin contracts: :class:`Backend` (a quantizer) and :class:`Method` (an adapter).
+
+A plugin subclasses one of these, sets ``Options`` to its own pydantic options model, and is
+registered under the entry-point group ``qadapt.backends`` or ``qadapt.methods``. The registry
+checks ``api_version`` and the abstract members when the plugin is loaded.
+
+Shapes follow ``nn.Linear``: a weight is ``[out_features, in_features]``, inputs are
+``[..., in_features]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+#: The protocol version this qadapt implements. A plugin declares the version it was written for.
+API_VERSION = 1
+
+
+class PluginOptions(BaseModel):
+    """Base of every plugin's options model: unknown keys are rejected, instances are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A layer's quantized storage, detached from any module.
+
+    ``tensors`` holds every tensor the backend needs (packed codes, scales, ...); ``meta`` holds
+    plain values (shape, block size, quantization type). Backends never write into these tensors
+    in place: a merge builds a new ``QuantizedWeight`` and swaps it in, so an old one stays valid.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def clone(self) -> QuantizedWeight:
+        """A deep copy of the tensors (same device and dtype)."""
+        return QuantizedWeight({k: v.detach().clone() for k, v in self.tensors.items()}, dict(self.meta))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def equal(self, other: QuantizedWeight) -> bool:
+        """True when both hold bit-identical tensors and the same metadata."""
+        if self.tensors.keys() != other.tensors.keys() or dict(self.meta) != dict(other.meta):
+            return False
+        return all(_bits_equal(self.tensors[k], other.tensors[k]) for k in self.tensors)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (so NaN equals the same NaN), dtype and shape included."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can do. The core checks these before asking, and says why it declines."""
+
+    #: Can write a new float weight back into quantized storage (needed to merge).
+    requantize: bool = True
+    #: Can snapshot and restore its storage (needed for exact unmerge).
+    snapshot: bool = True
+    #: Gradients flow through its forward to the input (needed to train adapters before it).
+    train_forward: bool = True
+
+
+class _Plugin(ABC):  # noqa: B024 (abstract through its two subclasses)
+    """What both families share: options, name and protocol version."""
+
+    #: Protocol version the plugin was written against; must equal :data:`API_VERSION`.
+    api_version: ClassVar[int] = API_VERSION
+    #: The plugin's options model.
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: Set by the registry to the entry-point name the plugin was loaded under.
+    name: ClassVar[str] = ""
+
+    def __init__(self, options: PluginOptions | Mapping[str, Any] | None = None) -> None:
+        if options is None:
+            options = self.Options()
+        elif isinstance(options, Mapping):
+            options = self.Options.model_validate(dict(options))
+        elif not isinstance(options, self.Options):
+            raise TypeError(
+                f"{type(self).__name__} options must be a {self.Options.__name__} or a dict, "
+                f"got {type(options).__name__}"
+            )
+        self.options = options
+
+    def describe(self) -> str:
+        """``name(option=value, ...)`` with the options that differ from their defaults."""
+        changed = self.options.model_dump(exclude_defaults=True)
+        inner = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        return f"{self.name or type(self).__name__}({inner})"
+
+
+class Backend(_Plugin):
+    """A quantizer: owns quantized linear modules and moves weights between float and quantized form.
+
+    Storage-level members (``dequantize``, ``requantize``) take a :class:`QuantizedWeight`, not a
+    module, so a merge can later run on checkpoint tensors without building modules.
+    """
+
+    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities()
+
+    @abstractmethod
+    def owns(self, module: nn.Module) -> bool:
+        """True when ``module`` is a linear layer quantized the way this backend understands."""
+
+    @abstractmethod
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        """Quantize a float ``nn.Linear`` into a module this backend owns (bias kept in float)."""
+
+    @abstractmethod
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of an owned module."""
+
+    @abstractmethod
+    def get_storage(self, module: nn.Module) -> QuantizedWeight:
+        """The module's current quantized storage (tensors shared with the module, not copied)."""
+
+    @abstractmethod
+    def set_storage(self, module: nn.Module, storage: QuantizedWeight) -> None:
+        """Make ``storage`` the module's weight (a swap; nothing half written on failure)."""
+
+    @abstractmethod
+    def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
+        """The float32 weight ``[out, in]`` that ``storage`` represents."""
+
+    @abstractmethod
+    def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        """Quantize float ``weight [out, in]`` with the same settings (type, block size, ...) as ``like``."""
+
+    @abstractmethod
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The quantized layer's output ``[..., out]`` for ``x [..., in]``, safe to modify in place."""
+
+    def snapshot(self, module: nn.Module) -> QuantizedWeight:
+        """A copy of the module's storage that :meth:`restore` puts back bit for bit."""
+        return self.get_storage(module).clone()
+
+    def restore(self, module: nn.Module, snapshot: QuantizedWeight) -> None:
+        """Put a :meth:`snapshot` back."""
+        self.set_storage(module, snapshot)
+
+    def dequantize_module(self, module: nn.Module) -> torch.Tensor:
+        """Shortcut: the float32 weight ``[out, in]`` of an owned module."""
+        return self.dequantize(self.get_storage(module))
+
+
+#: ``base_forward(x [..., in]) -> [..., out]``: the frozen quantized layer, as handed to a method.
+BaseForward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Method(_Plugin):
+    """An adapter method: creates adapter modules and says how they act on a layer.
+
+    A method instance is stateless apart from its options; trainable state lives in the adapter
+    module it creates, so one instance serves every layer of a model.
+    """
+
+    def create_shared(self, shapes: Sequence[tuple[int, int]]) -> nn.Module | None:
+        """State shared by all adapted layers of one model, or None (the default).
+
+        Called once per wrapped model with every target's ``(in_features, out_features)``
+        before any :meth:`create_adapter`. RandLora uses it for its random bases.
+        """
+        return None
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        """Raise a :class:`qadapt.errors.ConfigError` when the options cannot fit this layer.
+
+        Called before any module is created, so a bad option never leaves a model half wrapped.
+        """
+
+    @abstractmethod
+    def create_adapter(self, in_features: int, out_features: int, shared: nn.Module | None) -> nn.Module:
+        """A fresh adapter module for one layer; its parameters are the trainable ones."""
+
+    @abstractmethod
+    def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseForward) -> torch.Tensor:
+        """The adapted output ``[..., out]`` for ``x [..., in]``.
+
+        Additive methods return ``base_forward(x) + delta(x)``; input-transform methods (OFT)
+        return ``base_forward(transform(x))``.
+        """
+
+    @abstractmethod
+    def merge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 weight ``[out, in]`` whose plain linear equals the adapted layer.
+
+        Must not modify ``weight`` in place.
+        """
+
+    @abstractmethod
+    def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`merge_weight` (up to rounding). Must not modify ``weight`` in place."""
+
+
+#: The members the registry requires, per family, when it loads a plugin.
+REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
+    "backends": tuple(sorted(Backend.__abstractmethods__)),
+    "methods": tuple(sorted(Method.__abstractmethods__)),
+}
+BASE_CLASSES: dict[str, type[_Plugin]] = {"backends": Backend, "methods": Method}

@@ -1,0 +1,49 @@
+"""The float reference backend ``none``: a plain ``nn.Linear`` with no quantization.
+
+It is the contract's reference: every other backend is tested against what this one computes on
+the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qadapt.protocols import Backend, QuantizedWeight
+
+
+class FloatBackend(Backend):
+    """Keeps ``nn.Linear`` as it is; "requantizing" casts back to the layer's dtype."""
+
+    def owns(self, module: nn.Module) -> bool:
+        # A quantized subclass of nn.Linear keeps its weight in a Parameter subclass; only a plain
+        # floating-point Parameter is ours.
+        return (
+            isinstance(module, nn.Linear)
+            and type(module.weight) is nn.Parameter
+            and module.weight.dtype.is_floating_point
+        )
+
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        return linear
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def get_storage(self, module: nn.Module) -> QuantizedWeight:
+        return QuantizedWeight({"weight": module.weight.data})
+
+    def set_storage(self, module: nn.Module, storage: QuantizedWeight) -> None:
+        # Swapping .data keeps the Parameter object, so tied weights and optimizers stay attached.
+        module.weight.data = storage.tensors["weight"]
+
+    def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
+        return storage.tensors["weight"].float()
+
+    def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        old = like.tensors["weight"]
+        return QuantizedWeight({"weight": weight.to(device=old.device, dtype=old.dtype).contiguous()})
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, module.weight, module.bias)
