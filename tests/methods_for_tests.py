@@ -41,7 +41,11 @@ class AddDelta(Method):
 
 
 class MixInput(Method):
-    """``y = base(x @ M)`` with ``M [in, in] = I + scale * G``; merged weight ``W @ M.T``."""
+    """``y = base(x @ M)`` with ``M [in, in] = I + scale * G / sqrt(in)``; merged weight ``W @ M.T``.
+
+    Dividing by ``sqrt(in)`` keeps ``M`` near the identity (spectral norm of the change ~ 2 * scale)
+    whatever the layer width, as a trained rotation-like adapter would be.
+    """
 
     name = "mix_input"
     Options = KnownOptions
@@ -49,7 +53,8 @@ class MixInput(Method):
     def create_adapter(self, in_features: int, out_features: int, shared: nn.Module | None) -> nn.Module:
         g = torch.Generator().manual_seed(self.options.seed)
         module = nn.Module()
-        mix = torch.eye(in_features) + torch.randn(in_features, in_features, generator=g) * self.options.scale
+        noise = torch.randn(in_features, in_features, generator=g)
+        mix = torch.eye(in_features) + noise * (self.options.scale / in_features**0.5)
         module.mix = nn.Parameter(mix)
         return module
 

@@ -1,6 +1,6 @@
 """A third-party qadapt plugin, written only against qadapt's public protocol.
 
-``rowscale``: a trainable scale per output row, ``y = base(x) * (1 + s)``, merged as ``diag(1 + s) @ W``.
+``rowscale``: a trainable scale per input column, ``y = base(x * (1 + s))``, merged as ``W @ diag(1 + s)``.
 ``half``: "quantizes" a float linear layer by storing its weight in float16.
 """
 
@@ -15,7 +15,7 @@ from qadapt.protocols import Backend, BaseForward, Method, PluginOptions, Quanti
 
 
 class RowScaleOptions(PluginOptions):
-    init: float = Field(0.0, description="Initial value of every row's scale offset s.")
+    init: float = Field(0.0, description="Initial value of every column's scale offset s.")
 
 
 class RowScale(Method):
@@ -23,17 +23,17 @@ class RowScale(Method):
 
     def create_adapter(self, in_features: int, out_features: int, shared: nn.Module | None) -> nn.Module:
         adapter = nn.Module()
-        adapter.scale = nn.Parameter(torch.full((out_features,), float(self.options.init)))
+        adapter.scale = nn.Parameter(torch.full((in_features,), float(self.options.init)))
         return adapter
 
     def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseForward) -> torch.Tensor:
-        return base_forward(x) * (1 + adapter.scale.to(x.dtype))
+        return base_forward(x * (1 + adapter.scale.to(x.dtype)))
 
     def merge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (1 + adapter.scale.float())[:, None]
+        return weight * (1 + adapter.scale.float())[None, :]
 
     def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        return weight / (1 + adapter.scale.float())[:, None]
+        return weight / (1 + adapter.scale.float())[None, :]
 
 
 class HalfLinear(nn.Module):
