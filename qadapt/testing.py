@@ -357,5 +357,5 @@ def check_backend(backend: Backend | str, **kwargs: Any) -> None:
 
 
 def check_method(method: Method | str, **kwargs: Any) -> None:
-    """Run every method check (on ``backend="none"`` unless given); raise one ``AssertionError`` listing all failures."""
+    """Run every method check (on ``backend="none"`` unless given); one ``AssertionError`` lists all failures."""
     _run(method_checks(), _method(method), **kwargs)
