@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -47,7 +49,7 @@ def _to_storage(data: torch.Tensor, state: bnbF.QuantState) -> QuantizedWeight:
     return QuantizedWeight(tensors, meta)
 
 
-def _to_quant_state(storage: QuantizedWeight) -> bnbF.QuantState:
+def _to_quant_state(storage: QuantizedWeight, shape: tuple[int, ...] | None = None) -> bnbF.QuantState:
     t, m = storage.tensors, storage.meta
     state2 = None
     if m["nested"]:
@@ -56,7 +58,7 @@ def _to_quant_state(storage: QuantizedWeight) -> bnbF.QuantState:
         )
     return bnbF.QuantState(
         absmax=t["absmax"],
-        shape=torch.Size(m["shape"]),
+        shape=torch.Size(m["shape"] if shape is None else shape),
         code=t["code"],
         blocksize=m["blocksize"],
         quant_type=m["quant_type"],
@@ -152,7 +154,12 @@ class Bnb4Backend(Backend):
             module.quant_state = state
 
     def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
-        return bnbF.dequantize_4bit(storage.tensors["data"], _to_quant_state(storage)).float()
+        # Dequantize as one flat row, then reshape: bitsandbytes 0.50.2's CPU kernel treats a 2-D
+        # shape as rows of whole blocks and returns wrong values when in_features is not a
+        # multiple of the block size (e.g. 352 with blocksize 64: 2.7x the quantization error).
+        shape = tuple(storage.meta["shape"])
+        flat = _to_quant_state(storage, shape=(math.prod(shape),))
+        return bnbF.dequantize_4bit(storage.tensors["data"], flat).reshape(shape).float()
 
     def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         m = like.meta
@@ -169,6 +176,11 @@ class Bnb4Backend(Backend):
         _canonical(module)
         compute = module.compute_dtype or x.dtype
         bias = None if module.bias is None else module.bias.to(compute)
+        state = module.weight.quant_state
+        if x.device.type == "cpu" and state.shape[-1] % state.blocksize != 0:
+            # bitsandbytes' CPU matmul dequantizes with the faulty 2-D kernel (see dequantize).
+            weight = self.dequantize(self.get_storage(module)).to(compute)
+            return F.linear(x.to(compute), weight, bias)
         out = bnb.matmul_4bit(x.to(compute), module.weight, bias=bias, quant_state=module.weight.quant_state)
         # Autograd through a view of the 4-bit matmul's output can fail; give callers a fresh tensor.
         return out.clone()
