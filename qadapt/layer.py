@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from qadapt import registry
-from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, TargetError, UnsafeMergeError
+from qadapt.errors import (
+    AdapterStateError,
+    ArgumentTypeError,
+    CapabilityError,
+    ConfigError,
+    InputError,
+    TargetError,
+    UnsafeMergeError,
+)
 from qadapt.protocols import Backend, Method, QuantizedWeight
 
 UnmergeMode = Literal["exact", "inverse"]
@@ -54,13 +62,15 @@ def _resolve_plugin(kind: type, family: str, plugin: Any, options: Any) -> Any:
     if isinstance(plugin, str):
         cls = registry.load(family, plugin)  # type: ignore[arg-type]
         return cls(options)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"{family[:-1]} must be a plugin name (str) or a {kind.__name__} instance, got {type(plugin).__name__}"
     )
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
+    if device_type == "meta":  # torch has no autocast state for meta and raises when asked
+        return x.dtype
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
@@ -105,8 +115,11 @@ class QuantAdapterLinear(nn.Module):
                     "it takes a float nn.Linear or a layer it quantized itself"
                 )
             in_f, out_f = base.in_features, base.out_features
+            _check_not_empty(in_f, out_f)
             method_obj.check_layer(in_f, out_f)
             base = backend_obj.quantize(base)
+        else:
+            _check_not_empty(*backend_obj.features(base))
         self.base = base
         self.base.requires_grad_(False)
         self.backend = backend_obj
@@ -116,7 +129,7 @@ class QuantAdapterLinear(nn.Module):
         self.active_adapter: str | None = None
         self.adapters_enabled = True
         self._merged: _MergedState | None = None
-        self.add_adapter(adapter_name, method_obj, shared=shared)
+        self._add_checked_adapter(adapter_name, method_obj, shared)
 
     # ----------------------------------------------------------------- adapters
 
@@ -124,12 +137,20 @@ class QuantAdapterLinear(nn.Module):
         self, name: str, method: Method | str, *, method_options: Any = None, shared: nn.Module | None = None
     ) -> nn.Module:
         """Create adapter ``name`` with ``method`` and make it active. Returns the adapter module."""
+        self._check_new_name(name)
+        method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
+        method_obj.check_layer(self.in_features, self.out_features)
+        return self._add_checked_adapter(name, method_obj, shared)
+
+    def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"adapter_name must be a Python identifier, got {name!r}")
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists on this layer; delete_adapter() it first")
-        method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
-        method_obj.check_layer(self.in_features, self.out_features)
+
+    def _add_checked_adapter(self, name: str, method_obj: Method, shared: nn.Module | None) -> nn.Module:
+        """Add an adapter whose method already passed ``check_layer`` for this layer."""
+        self._check_new_name(name)
         if shared is None:
             shared = method_obj.create_shared([(self.in_features, self.out_features)])
         adapter = method_obj.create_adapter(self.in_features, self.out_features, shared)
@@ -194,6 +215,7 @@ class QuantAdapterLinear(nn.Module):
         return self.backend.forward(self.base, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         out_dtype = _output_dtype(x)
         base_forward = partial(self.backend.forward, self.base)
         if self._merged is not None or not self.adapters_enabled or self.active_adapter is None:
@@ -202,6 +224,27 @@ class QuantAdapterLinear(nn.Module):
             name = self.active_adapter
             out = self.methods[name].forward(self.adapters[name], x, base_forward)
         return out.to(out_dtype)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentTypeError(f"input must be a torch.Tensor [..., {self.in_features}], got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise InputError(
+                f"input dtype {x.dtype} is not a floating-point dtype; this layer takes float32, bfloat16, "
+                "float16 or float64 input"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise InputError(
+                f"input shape {tuple(x.shape)} does not fit this layer: its last dimension must be "
+                f"in_features={self.in_features}"
+            )
+        if x.is_meta:
+            weight = next(self.base.parameters(), None)
+            if weight is not None and not weight.is_meta:
+                raise InputError(
+                    f"input is on the meta device but the layer's weights are on {weight.device}; "
+                    "move the input to that device (meta input runs only on a meta layer)"
+                )
 
     # -------------------------------------------------------------------- merge
 
@@ -287,6 +330,14 @@ class QuantAdapterLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"backend={self.backend.describe()}, adapters={{{methods}}}, active={self.active_adapter!r}{state}"
+        )
+
+
+def _check_not_empty(in_features: int, out_features: int) -> None:
+    if in_features <= 0 or out_features <= 0:
+        raise TargetError(
+            f"cannot adapt a zero-sized layer (in_features={in_features}, out_features={out_features}); "
+            "both must be at least 1"
         )
 
 
