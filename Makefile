@@ -6,14 +6,17 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qadapt-installed
 PLUGIN_DIST := tests/plugins/qadapt_tinyplugin
+EXAMPLE_DIST := examples/qadapt_int8sym
 
-.PHONY: demo test bench docs lint install clean
+.PHONY: demo test bench docs install clean
 
-$(STAMP): pyproject.toml $(PLUGIN_DIST)/pyproject.toml
+LOCAL_DISTS_FILES := $(shell find $(PLUGIN_DIST) $(EXAMPLE_DIST) -name '*.py' -o -name pyproject.toml)
+
+$(STAMP): pyproject.toml $(LOCAL_DISTS_FILES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
-	$(BIN)/python -m pip install --quiet ./$(PLUGIN_DIST)
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall ./$(PLUGIN_DIST) ./$(EXAMPLE_DIST)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,10 +26,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info site

@@ -5,12 +5,16 @@ found through the entry-point groups ``qadapt.methods`` and ``qadapt.backends``.
 qadapt imports no plugin.
 """
 
+from qadapt.checkpoint import load_adapter, save_adapter
+from qadapt.config import ConfigValidationError, PluginSpec, QAdaptConfig, config_schema, load_config
 from qadapt.errors import (
     AdapterStateError,
+    ArgumentTypeError,
     CapabilityError,
     CheckpointError,
     ConfigError,
     DuplicatePluginError,
+    InputError,
     PluginError,
     PluginLoadError,
     QAdaptError,
@@ -19,32 +23,72 @@ from qadapt.errors import (
     UnsafeMergeError,
 )
 from qadapt.layer import MergeResult, QuantAdapterLinear
+from qadapt.model_ops import (
+    MergeReport,
+    WrapSummary,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    list_adapters,
+    merge,
+    set_adapter,
+    summary,
+    unmerge,
+    unwrap,
+)
+from qadapt.peft_interop import load_peft_adapter, save_peft_adapter
 from qadapt.protocols import API_VERSION, Backend, BackendCapabilities, Method, PluginOptions, QuantizedWeight
 from qadapt.registry import PluginInfo, plugins
+from qadapt.wrap import wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "API_VERSION",
     "AdapterStateError",
+    "ArgumentTypeError",
     "Backend",
     "BackendCapabilities",
     "CapabilityError",
     "CheckpointError",
     "ConfigError",
+    "ConfigValidationError",
     "DuplicatePluginError",
+    "InputError",
+    "MergeReport",
     "MergeResult",
     "Method",
     "PluginError",
     "PluginInfo",
     "PluginLoadError",
     "PluginOptions",
+    "PluginSpec",
+    "QAdaptConfig",
     "QAdaptError",
     "QuantAdapterLinear",
     "QuantizedWeight",
     "TargetError",
     "UnknownPluginError",
     "UnsafeMergeError",
+    "WrapSummary",
     "__version__",
+    "add_adapter",
+    "config_schema",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "list_adapters",
+    "load_adapter",
+    "load_config",
+    "load_peft_adapter",
+    "merge",
     "plugins",
+    "save_adapter",
+    "save_peft_adapter",
+    "set_adapter",
+    "summary",
+    "unmerge",
+    "unwrap",
+    "wrap",
 ]

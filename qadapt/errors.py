@@ -52,6 +52,14 @@ class AdapterStateError(QAdaptError, RuntimeError):
     """An operation does not fit the layer's state (merge twice, unmerge when not merged, ...)."""
 
 
+class ArgumentTypeError(QAdaptError, TypeError):
+    """An argument has the wrong type; the message names it, its type, and what is accepted."""
+
+
+class InputError(QAdaptError, ValueError):
+    """A tensor given to a layer does not fit it (feature size, dtype, device)."""
+
+
 class UnsafeMergeError(QAdaptError, ValueError):
     """A safe merge found non-finite values; nothing was written."""
 

@@ -130,6 +130,8 @@ class QuantAdapterLinear(nn.Module):
         self.adapters_enabled = True
         self._merged: _MergedState | None = None
         self._add_checked_adapter(adapter_name, method_obj, shared)
+        # Start in the base layer's mode: some backends' forward depends on it (bnb8).
+        self.train(base.training)
 
     # ----------------------------------------------------------------- adapters
 
@@ -143,8 +145,10 @@ class QuantAdapterLinear(nn.Module):
         return self._add_checked_adapter(name, method_obj, shared)
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"adapter_name must be a Python identifier, got {name!r}")
+        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
+            raise ConfigError(
+                f"adapter_name must be a Python identifier that is not an nn.ModuleDict attribute, got {name!r}"
+            )
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists on this layer; delete_adapter() it first")
 

@@ -46,6 +46,7 @@ class FloatBackend(Backend):
         return QuantizedWeight({"weight": weight.to(device=old.device, dtype=old.dtype).contiguous()})
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+        # torch keeps no autocast state for the meta device (and raises when asked).
+        if x.is_meta or not torch.is_autocast_enabled(x.device.type):
             x = x.to(module.weight.dtype)
         return F.linear(x, module.weight, module.bias)

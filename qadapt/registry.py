@@ -16,7 +16,7 @@ from typing import Literal
 from stevedore import DriverManager, ExtensionManager
 from stevedore.extension import Extension
 
-from qadapt.errors import DuplicatePluginError, PluginError, PluginLoadError, UnknownPluginError
+from qadapt.errors import ArgumentTypeError, DuplicatePluginError, PluginError, PluginLoadError, UnknownPluginError
 from qadapt.protocols import API_VERSION, BASE_CLASSES, REQUIRED_MEMBERS, Backend, Method
 
 Family = Literal["backends", "methods"]
@@ -126,7 +126,7 @@ def load(family: Family, name: str) -> type:
     """
     family = _check_family(family)
     if not isinstance(name, str):
-        raise TypeError(f"{family[:-1]} must be a plugin name (str), got {type(name).__name__}")
+        raise ArgumentTypeError(f"{family[:-1]} must be a plugin name (str), got {type(name).__name__}")
     key = (family, name)
     if key in _loaded:
         return _loaded[key]

@@ -14,6 +14,9 @@ from torch import nn
 
 from qadapt import registry
 
+# The tests use small tensors: one thread avoids thread contention overhead on 2-core CI machines.
+torch.set_num_threads(1)
+
 TESTS_DIR = Path(__file__).parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))

@@ -16,6 +16,7 @@ from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
 from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
+_KERNEL_DTYPES = frozenset(FLOAT_DTYPES.values())
 
 
 class Bnb4Options(PluginOptions):
@@ -175,6 +176,9 @@ class Bnb4Backend(Backend):
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         _canonical(module)
         compute = module.compute_dtype or x.dtype
+        if compute not in _KERNEL_DTYPES:
+            # bitsandbytes' 4-bit matmul takes 16/32-bit floats; on float64 it silently returns garbage.
+            compute = torch.float32
         bias = None if module.bias is None else module.bias.to(compute)
         state = module.weight.quant_state
         if x.device.type == "cpu" and state.shape[-1] % state.blocksize != 0:

@@ -1,0 +1,99 @@
+"""The ``qadapt`` command: ``plugins``, ``validate``, ``schema`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from qadapt import registry
+from qadapt.errors import QAdaptError
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table (no dependency), one row per line."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    listing = registry.plugins()
+    rows = [(p.family[:-1], p.name, p.distribution, p.version, p.status) for p in listing]
+    print(format_table(("family", "name", "distribution", "version", "status"), rows))
+    return 0 if all(p.ok for p in listing) else 1
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from qadapt.config import load_config
+
+    try:
+        config = load_config(args.file)
+    except (QAdaptError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok (method {config.method.name}, backend {config.backend.name})")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from qadapt.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qadapt.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        method=args.method,
+        backend=args.backend,
+        steps=args.steps,
+        model_dir=args.model,
+        out_dir=args.out,
+        seed=args.seed,
+    )
+    run_demo(settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qadapt", description="Adapters on quantized PyTorch layers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("plugins", help="list installed methods and backends with their status").set_defaults(
+        run=_cmd_plugins
+    )
+
+    validate = commands.add_parser("validate", help="validate a config file (.yaml, .toml, .json)")
+    validate.add_argument("file")
+    validate.set_defaults(run=_cmd_validate)
+
+    commands.add_parser("schema", help="print the JSON Schema of config files").set_defaults(run=_cmd_schema)
+
+    demo = commands.add_parser("demo", help="quantize a small transformer, train an adapter to close the gap, merge")
+    demo.add_argument("--method", default="oft", help="method plugin (default: oft)")
+    demo.add_argument("--backend", default="bnb4", help="backend plugin (default: bnb4)")
+    demo.add_argument("--steps", type=int, default=80, help="training steps (default: 80)")
+    demo.add_argument("--model", default=None, help="a local Hugging Face model folder instead of the built-in one")
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except QAdaptError as exc:
+        print(f"qadapt: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""PEFT adapter directories, both ways: ``load_peft_adapter`` and ``save_peft_adapter``.
+
+A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<layer>.<method key>`` (per layer, adapter name removed) and
+``base_model.<key>`` (model-level state). This module handles that layout, the common config
+fields and the all-or-nothing wrap; what is specific to a method (its config fields and tensor
+names) comes from the method plugin's ``interop`` hooks (see :mod:`qadapt.hooks`), so the core
+knows no method by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qadapt import registry
+from qadapt.checkpoint import atomic_write, dedupe_tensors, load_shared_tensors, shared_tensors
+from qadapt.config import AUTO_BACKEND, QAdaptConfig, validate_config
+from qadapt.errors import CheckpointError, PluginError, QAdaptError
+from qadapt.hooks import interop_hooks
+from qadapt.protocols import Method
+from qadapt.targeting import REGEX_PREFIX
+from qadapt.wrap import Surgery, adapter_layers, resolve_wrap_config, wrap_resolved
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+LAYER_PREFIX = "base_model.model."
+MODEL_PREFIX = "base_model."
+#: The PEFT release whose format this module writes and reads.
+PEFT_FORMAT_VERSION = "0.21.2"
+_HOOKS = ("PEFT_TYPE", "PEFT_LAYER_KEYS", "options_from_peft", "options_to_peft", "layer_from_peft", "layer_to_peft")
+
+
+def _peft_hooks(method: Method | type[Method]) -> ModuleType | None:
+    hooks = interop_hooks(method)
+    if hooks is None or not all(hasattr(hooks, name) for name in _HOOKS):
+        return None
+    return hooks
+
+
+def _method_for_peft_type(peft_type: str) -> tuple[str, ModuleType]:
+    """The installed method whose hooks read ``peft_type``; raises listing the types that are supported."""
+    supported = {}
+    for name in registry.names("methods"):
+        try:
+            hooks = _peft_hooks(registry.method_class(name))
+        except PluginError:
+            continue
+        if hooks is not None:
+            supported[hooks.PEFT_TYPE] = (name, hooks)
+    if peft_type not in supported:
+        raise CheckpointError(
+            f"no installed qadapt method reads PEFT adapters of type {peft_type!r}; "
+            f"supported: {', '.join(sorted(supported)) or '(none)'}"
+        )
+    return supported[peft_type]
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+def _read_peft_dir(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config_path, weights_path = directory / PEFT_CONFIG_FILE, directory / PEFT_WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"not a PEFT adapter directory: {path} is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    return config, tensors
+
+
+def _check_unsupported(config: Mapping[str, Any], source: str) -> None:
+    problems = []
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} (qadapt adapters train no bias; only 'none')")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules are not adapters)")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out=True (Conv1D layers are not supported)")
+    if problems:
+        raise CheckpointError(f"{source}: unsupported PEFT settings: " + "; ".join(problems))
+
+
+def _split_keys(
+    tensors: Mapping[str, torch.Tensor], layer_keys: tuple[str, ...], source: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``{layer: {method key: tensor}}`` and ``{model-level key: tensor}`` from PEFT's flat keys."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    model_level: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(LAYER_PREFIX):
+            rest = key[len(LAYER_PREFIX) :]
+            suffix = next((s for s in layer_keys if rest.endswith("." + s)), None)
+            if suffix is None:
+                raise CheckpointError(f"{source}: unexpected tensor {key!r} (known per-layer keys: {layer_keys})")
+            layers.setdefault(rest[: -len(suffix) - 1], {})[suffix] = tensor
+        elif key.startswith(MODEL_PREFIX):
+            model_level[key[len(MODEL_PREFIX) :]] = tensor
+        else:
+            raise CheckpointError(f"{source}: unexpected tensor {key!r} (PEFT keys start with {MODEL_PREFIX!r})")
+    if not layers:
+        raise CheckpointError(f"{source}: holds no per-layer adapter tensors")
+    return layers, model_level
+
+
+def load_peft_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    backend: str = AUTO_BACKEND,
+    backend_options: Mapping[str, Any] | None = None,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Wrap ``model`` (the PEFT adapter's base model, not yet wrapped) with a PEFT adapter directory.
+
+    The method is the installed one whose interop hooks read the directory's ``peft_type``; its
+    options come from ``adapter_config.json`` and are validated like any qadapt config. The
+    layers are those that have tensors in ``adapter_model.safetensors``; ``backend`` quantizes
+    them (``"auto"``: keep each layer's own quantization, float layers stay float).
+
+    Raises:
+        CheckpointError: unreadable directory, unsupported type or settings, or tensors that do
+            not fit the model; the model is left unchanged.
+    """
+    directory = Path(directory)
+    source = str(directory)
+    peft_config, tensors = _read_peft_dir(directory)
+    peft_type = peft_config.get("peft_type")
+    method_name, hooks = _method_for_peft_type(str(peft_type))
+    _check_unsupported(peft_config, source)
+    layers, model_level = _split_keys(tensors, tuple(hooks.PEFT_LAYER_KEYS), source)
+    try:
+        cfg = validate_config(
+            {
+                "method": {"name": method_name, "options": hooks.options_from_peft(peft_config)},
+                "backend": {"name": backend, "options": dict(backend_options or {})},
+                "targets": [REGEX_PREFIX + re.escape(name) for name in sorted(layers)],
+                "adapter_name": adapter_name,
+            },
+            source=f"{directory.name}/{PEFT_CONFIG_FILE}",
+        )
+    except QAdaptError as exc:
+        raise CheckpointError(f"the PEFT config does not translate into a valid qadapt config:\n{exc}") from exc
+    states = {name: hooks.layer_from_peft(layer_tensors) for name, layer_tensors in layers.items()}
+    shared_from = getattr(hooks, "shared_from_peft", None)
+    shared = dict(shared_from(peft_config, model_level)) if shared_from is not None else {}
+    surgery = Surgery(model)
+    try:
+        _wrap(model, cfg, surgery)
+        _load_states(model, adapter_name, states, shared, source)
+    except QAdaptError as exc:
+        surgery.undo()
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"the PEFT adapter in {source} does not fit this model: {exc}") from exc
+    except BaseException:
+        surgery.undo()
+        raise
+    return model
+
+
+def _wrap(model: nn.Module, cfg: QAdaptConfig, surgery: Surgery) -> None:
+    resolved, method, backend_arg, targets, exclude = resolve_wrap_config(
+        None, AUTO_BACKEND, None, None, None, None, cfg.adapter_name, cfg
+    )
+    wrap_resolved(model, resolved, method, backend_arg, targets, exclude, surgery=surgery)
+
+
+@torch.no_grad()
+def _load_states(
+    model: nn.Module,
+    adapter_name: str,
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    shared: Mapping[str, torch.Tensor],
+    source: str,
+) -> None:
+    problems, pairs = [], []
+    layers = {name: layer for name, layer in adapter_layers(model) if adapter_name in layer.adapters}
+    for name, state in states.items():
+        target = layers[name].adapters[adapter_name].state_dict()
+        if set(target) != set(state):
+            problems.append(f"{name}: tensors {sorted(state)}, the adapter has {sorted(target)}")
+            continue
+        for key, tensor in state.items():
+            if tuple(target[key].shape) != tuple(tensor.shape):
+                problems.append(
+                    f"{name}.{key}: shape {tuple(tensor.shape)} in the PEFT adapter, {tuple(target[key].shape)} here"
+                )
+            pairs.append((target[key], tensor))
+    current_shared = shared_tensors(model, adapter_name)
+    if shared:
+        for key, tensor in shared.items():
+            if key not in current_shared or tuple(current_shared[key].shape) != tuple(tensor.shape):
+                have = tuple(current_shared[key].shape) if key in current_shared else "nothing"
+                problems.append(f"shared {key}: shape {tuple(tensor.shape)} in the PEFT adapter, {have} here")
+    if problems:
+        raise CheckpointError(f"the PEFT adapter in {source} does not fit this model:\n  " + "\n  ".join(problems))
+    for target, tensor in pairs:
+        target.copy_(tensor)
+    if shared:
+        load_shared_tensors(model, adapter_name, dict(shared))
+
+
+# ----------------------------------------------------------------------------------------- write
+
+
+def _peft_config(
+    model: nn.Module, method: Method, hooks: ModuleType, layers: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, Any]:
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config: dict[str, Any] = {
+        "peft_type": hooks.PEFT_TYPE,
+        "peft_version": PEFT_FORMAT_VERSION,
+        "task_type": None,
+        "base_model_name_or_path": name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    config.update(hooks.options_to_peft(method.options.model_dump(mode="json"), layers))
+    return config
+
+
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
+    """Write adapter ``adapter_name`` (default: the active one) as a PEFT adapter directory.
+
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it onto the same base model
+    (float; for a quantized qadapt model, the float model with the dequantized weights computes
+    what the qadapt model computes). Files are replaced atomically. Returns the directory.
+
+    Raises:
+        CheckpointError: the method has no PEFT mapping, or nothing to save.
+    """
+    carriers = list(adapter_layers(model))
+    if not carriers:
+        raise CheckpointError("this model has no qadapt layers; there is no adapter to save")
+    if adapter_name is None:
+        active = {layer.active_adapter for _, layer in carriers} - {None}
+        if len(active) != 1:
+            raise CheckpointError(f"the layers have different active adapters ({sorted(active)}); pass adapter_name=")
+        adapter_name = active.pop()
+    carriers = [(name, layer) for name, layer in carriers if adapter_name in layer.adapters]
+    if not carriers:
+        raise CheckpointError(f"no adapter named {adapter_name!r} on this model")
+    method = carriers[0][1].methods[adapter_name]
+    hooks = _peft_hooks(method)
+    if hooks is None:
+        raise CheckpointError(
+            f"method {method.name or type(method).__name__!r} has no PEFT mapping (its plugin ships no interop "
+            "hooks with PEFT_TYPE, see qadapt.hooks)"
+        )
+    shared = shared_tensors(model, adapter_name)
+    states = {name: dict(layer.adapters[adapter_name].state_dict()) for name, layer in carriers}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, state in states.items():
+        for key, tensor in hooks.layer_to_peft(state, shared).items():
+            tensors[f"{LAYER_PREFIX}{name}.{key}"] = tensor
+    shared_to = getattr(hooks, "shared_to_peft", None)
+    if shared_to is not None:
+        for key, tensor in shared_to(method.options.model_dump(mode="json"), shared).items():
+            tensors[MODEL_PREFIX + key] = tensor
+    config = _peft_config(model, method, hooks, states)
+    # PEFT's files hold every tensor on its own (no aliases), so repeated ones are copied.
+    stored, aliases = dedupe_tensors(tensors)
+    for alias, key in aliases.items():
+        stored[alias] = stored[key].clone()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / PEFT_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory
