@@ -1,0 +1,90 @@
+"""The qadapt command line and the demo, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qadapt
+from qadapt import testing
+from qadapt.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qadapt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_plugins_table_lists_every_family_with_distribution(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["family", "name", "distribution", "version", "status"]
+    for name in ("bnb4", "bnb8", "none", "oft", "randlora", "int8sym"):
+        assert any(line.split()[1:2] == [name] and line.rstrip().endswith("ok") for line in out.splitlines()), name
+
+
+def test_validate_exit_codes_and_located_errors(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'targets = "all-linear"\n[method]\nname = "oft"\noptions = { block_size = 16 }\n[backend]\nname = "bnb4"\n'
+    )
+    assert main(["validate", str(good)]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": {"name": "oft", "options": {"block_sise": 16}}, "backend": "bnb5"}))
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "method.options.block_sise" in err and "block_size" in err and "bnb4" in err
+
+
+def test_schema_is_json_schema_covering_plugins():
+    result = run_cli("schema")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    schema = json.loads(text)
+    assert schema.get("type") == "object" or "properties" in schema or "$defs" in schema
+    for word in ("block_size", "quant_type", "projection_prng_key"):
+        assert word in text
+
+
+def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--backend", "bnb4", "--method", "oft", "--steps", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("share of the quantization gap recovered", "exact unmerge bit-identical", "time per training step"):
+        assert row in result.stdout
+    assert "exact unmerge bit-identical                  yes" in result.stdout
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layers wrapped"] == "14"
+
+
+@pytest.mark.parametrize("check", testing.backend_checks(), ids=lambda c: c.__name__)
+def test_example_plugin_passes_the_contract(check):
+    check("int8sym")
+
+
+def test_example_plugin_through_wrap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    x = torch.randn(4, 64)
+    qadapt.wrap(model, method="oft", backend="int8sym", method_options={"block_size": 16})
+    assert qadapt.summary(model).backends == {"int8sym": 2}
+    with torch.no_grad():
+        before = model(x)
+        report = qadapt.merge(model)
+        merged = model(x)
+    assert float((merged - before).norm() / before.norm()) <= 3 * report.max_error + 1e-5
+
+
+def test_entry_point_script_is_installed():
+    script = Path(sys.executable).with_name("qadapt")
+    assert script.exists()
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "demo" in result.stdout
