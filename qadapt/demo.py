@@ -36,7 +36,7 @@ class DemoSettings:
     seed: int = 0
     batch_size: int = 8
     seq_len: int = 48
-    lr: float = 3e-3
+    lr: float = 1e-3
     method_options: dict[str, Any] = field(default_factory=dict)
 
 
