@@ -56,9 +56,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         model_dir=args.model,
         out_dir=args.out,
         seed=args.seed,
+        method_options=dict(args.method_option),
     )
     run_demo(settings)
     return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="a local Hugging Face model folder instead of the built-in one")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a method option, e.g. block_size=16 (repeatable; the value is read as YAML)",
+    )
     demo.set_defaults(run=_cmd_demo)
     return parser
 

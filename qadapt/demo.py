@@ -52,13 +52,6 @@ class DemoResult:
     out_dir: Path
 
 
-#: Method options that suit the built-in small model (hidden size 128) when none are given.
-DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "oft": {"block_size": 32},
-    "randlora": {"r": 16},
-}
-
-
 def build_default_model(seed: int) -> nn.Module:
     """A 2-layer Llama-style causal LM (hidden 128, vocab 512), seeded random init, no download."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -146,9 +139,7 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
     teacher = load_model(settings)
     teacher.requires_grad_(False)
     student = copy.deepcopy(teacher)
-    options = settings.method_options or (
-        DEFAULT_METHOD_OPTIONS.get(settings.method, {}) if settings.model_dir is None else {}
-    )
+    options = settings.method_options
     qadapt.wrap(student, method=settings.method, backend=settings.backend, targets="all-linear", method_options=options)
     info = qadapt.summary(student)
 

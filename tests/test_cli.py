@@ -54,7 +54,9 @@ def test_schema_is_json_schema_covering_plugins():
 
 def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
     out = tmp_path / "demo"
-    result = run_cli("demo", "--backend", "bnb4", "--method", "oft", "--steps", "3", "--out", str(out))
+    result = run_cli(
+        "demo", "--backend", "bnb4", "--method", "oft", "--steps", "3", "--out", str(out), "--method-option", "r=4"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for row in ("share of the quantization gap recovered", "exact unmerge bit-identical", "time per training step"):
         assert row in result.stdout
@@ -63,6 +65,13 @@ def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
     assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["layers wrapped"] == "14"
+    assert "{'r': 4}" in summary["method / backend"]
+
+
+def test_demo_option_must_be_key_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--method-option", "block_size"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("check", testing.backend_checks(), ids=lambda c: c.__name__)
