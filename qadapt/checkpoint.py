@@ -323,6 +323,22 @@ def _check_fit(model: nn.Module, ckpt: AdapterCheckpoint, name: str) -> list[str
 
 
 @contextmanager
+def undone_on_failure(surgery: Surgery, what: str) -> Iterator[None]:
+    """Undo ``surgery`` if the block raises; a qadapt error other than a CheckpointError is re-raised
+    as a CheckpointError starting with ``what``."""
+    try:
+        yield
+    except QAdaptError as exc:
+        surgery.undo()
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{what}: {exc}") from exc
+    except BaseException:
+        surgery.undo()
+        raise
+
+
+@contextmanager
 def _all_or_nothing(undo: Callable[[], None]) -> Iterator[None]:
     try:
         yield
@@ -396,19 +412,11 @@ def _wrap_from(model: nn.Module, ckpt: AdapterCheckpoint, name: str, backend: st
     cfg = ckpt.config.model_copy(update={"adapter_name": name, "targets": [_exact(t) for t in ckpt.layers]})
     if backend is not None:
         cfg = cfg.model_copy(update={"backend": PluginSpec(name=backend)})
-    try:
+    with undone_on_failure(surgery, "cannot wrap the model from the checkpoint's config"):
         resolved, method, backend_arg, targets, exclude = resolve_wrap_config(
             None, AUTO_BACKEND, None, None, None, None, name, cfg
         )
         wrap_resolved(model, resolved, method, backend_arg, targets, exclude, surgery=surgery)
-    except QAdaptError as exc:
-        surgery.undo()
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"cannot wrap the model from the checkpoint's config: {exc}") from exc
-    except BaseException:
-        surgery.undo()
-        raise
 
 
 @torch.no_grad()

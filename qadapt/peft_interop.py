@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qadapt import registry
-from qadapt.checkpoint import atomic_write, dedupe_tensors, load_shared_tensors, shared_tensors
+from qadapt.checkpoint import atomic_write, dedupe_tensors, load_shared_tensors, shared_tensors, undone_on_failure
 from qadapt.config import AUTO_BACKEND, QAdaptConfig, validate_config
 from qadapt.errors import CheckpointError, PluginError, QAdaptError
 from qadapt.hooks import interop_hooks
@@ -162,17 +162,9 @@ def load_peft_adapter(
     shared_from = getattr(hooks, "shared_from_peft", None)
     shared = dict(shared_from(peft_config, model_level)) if shared_from is not None else {}
     surgery = Surgery(model)
-    try:
+    with undone_on_failure(surgery, f"the PEFT adapter in {source} does not fit this model"):
         _wrap(model, cfg, surgery)
         _load_states(model, adapter_name, states, shared, source)
-    except QAdaptError as exc:
-        surgery.undo()
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"the PEFT adapter in {source} does not fit this model: {exc}") from exc
-    except BaseException:
-        surgery.undo()
-        raise
     return model
 
 
