@@ -117,7 +117,20 @@ def generate_bases(options: RandLoraOptions, shapes: Sequence[tuple[int, int]]) 
         dtype = _DTYPES[options.projection_dtype]
         basis_a = _kaiming_uniform((r, 1, min_dim), dtype, generator)
         basis_b = torch.cat([_kaiming_uniform((max_dim, 1, r), dtype, generator) for _ in range(n)], dim=1)
-    return RandLoraBases(basis_a / basis_a.std(), basis_b / basis_b.std(), save_projection=options.save_projection)
+    return RandLoraBases(
+        _normalised(basis_a, "A", r), _normalised(basis_b, "B", r), save_projection=options.save_projection
+    )
+
+
+def _normalised(basis: torch.Tensor, which: str, r: int) -> torch.Tensor:
+    """``basis / basis.std()``, refusing a basis whose spread is not a positive number (PEFT gives NaN)."""
+    spread = basis.std() if basis.numel() > 1 else torch.tensor(float("nan"))
+    if not bool(torch.isfinite(spread)) or float(spread) == 0.0:
+        raise ConfigError(
+            f"randlora's random basis {which} of shape {list(basis.shape)} (r={r}) has no spread to normalise by: "
+            "it needs at least two non-equal entries; use a larger r, or targets whose smaller side is above 1"
+        )
+    return basis / spread
 
 
 def _kaiming_uniform(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
