@@ -346,6 +346,10 @@ def _check_not_empty(in_features: int, out_features: int) -> None:
 
 
 def _check_finite(weight: torch.Tensor, what: str) -> None:
+    # A sum is non-finite whenever any term is, so one reduction clears the common case; the
+    # element-wise mask (a full-size temporary) is built only to count the bad values.
+    if bool(torch.isfinite(weight.sum())):
+        return
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         bad = int((~finite).sum())
@@ -354,12 +358,18 @@ def _check_finite(weight: torch.Tensor, what: str) -> None:
         )
 
 
-def _measure(name: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor) -> MergeResult:
-    norm = torch.linalg.vector_norm(target)
-    error = float(torch.linalg.vector_norm(stored - target) / norm) if norm > 0 else 0.0
-    intended = target - before
-    intended_sq = float(torch.sum(intended * intended))
-    retained = None
-    if intended_sq > 0:
-        retained = float(torch.sum((stored - before) * intended)) / intended_sq
+def _measure(
+    name: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor, rows: int = 256
+) -> MergeResult:
+    """Merge figures from ``[out, in]`` weights, a block of rows at a time (no full-size temporaries)."""
+    # sums of: target^2, (stored - target)^2, (stored - before).(target - before), (target - before)^2
+    sums = torch.zeros(4, dtype=torch.float64, device=target.device)
+    for b, t, s in zip(before.split(rows), target.split(rows), stored.split(rows), strict=True):
+        intended = t - b
+        sums += torch.stack(
+            [t.square().sum(), (s - t).square().sum(), ((s - b) * intended).sum(), intended.square().sum()]
+        ).double()
+    target_sq, error_sq, overlap, intended_sq = sums.tolist()
+    error = (error_sq / target_sq) ** 0.5 if target_sq > 0 else 0.0
+    retained = overlap / intended_sq if intended_sq > 0 else None
     return MergeResult(name, error, retained)

@@ -101,3 +101,15 @@ def test_float_layer_is_not_owned_by_quantizing_backends():
     assert not registry.backend_class("bnb4")().owns(linear)
     assert not registry.backend_class("bnb8")().owns(linear)
     assert registry.backend_class("none")().owns(linear)
+
+
+def test_bnb4_fast_requantize_gives_the_bits_bitsandbytes_gives():
+    from qadapt_bnb import fast_quant
+
+    fast = registry.backend_class("bnb4")({"fast_requantize": True})
+    plain = registry.backend_class("bnb4")({"fast_requantize": False})
+    like = plain.get_storage(plain.quantize(float_linear(1024, 1024)))
+    weight = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(5)) * 0.03
+    assert weight.numel() >= fast_quant.FAST_MIN_ELEMENTS
+    assert fast.requantize(weight, like=like).equal(plain.requantize(weight, like=like))
+    assert fast_quant.verified(), "the compiled quantizer should pass its self-check on this machine"

@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+from qadapt_bnb import fast_quant
 from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
@@ -32,6 +33,14 @@ class Bnb4Options(PluginOptions):
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="Weights per absmax block.")
     quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
         "uint8", description="dtype the packed 4-bit codes are stored in (FSDP wants the float dtype)."
+    )
+    fast_requantize: bool = Field(
+        True,
+        description=(
+            "On CPU, quantize weights of 2^20 elements or more with qadapt's compiled quantizer: bytes and "
+            "state bit-identical to bitsandbytes' own, 3-5x faster. It is checked against bitsandbytes once "
+            "per process (compiling takes ~10 s) and is not used if that check fails."
+        ),
     )
 
 
@@ -129,7 +138,8 @@ class Bnb4Backend(Backend):
         quant_storage: torch.dtype | None = None,
     ) -> QuantizedWeight:
         opts = self.options
-        data, state = bnbF.quantize_4bit(
+        quantize = fast_quant.quantize_4bit_auto if opts.fast_requantize else bnbF.quantize_4bit
+        data, state = quantize(
             weight.contiguous(),
             blocksize=blocksize or opts.blocksize,
             compress_statistics=opts.compress_statistics if compress_statistics is None else compress_statistics,
