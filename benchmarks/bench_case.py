@@ -175,21 +175,30 @@ def _merge_calls(
     fast = _fast_requantize(pair) if fast_quant else None
     if fast is not None:
         calls["fast_requantize_s"] = (nothing, lambda: fast(weight))
+        plain = _fast_requantize(pair, bitsandbytes_own=True)
+        calls["bnb_requantize_s"] = (nothing, lambda: plain(weight))
     return calls
 
 
-def _fast_requantize(pair: Pair) -> Callable[[torch.Tensor], Any] | None:
-    """bnb4 only: the stretch goal's one-pass quantizer with the layer's settings (None where absent)."""
+def _fast_requantize(pair: Pair, bitsandbytes_own: bool = False) -> Callable[[torch.Tensor], Any] | None:
+    """bnb4 only: the stretch goal's one-pass quantizer with the layer's settings (None where absent).
+
+    With ``bitsandbytes_own``, bitsandbytes' ``quantize_4bit`` with the same settings instead (the
+    backend itself uses the fast one for large weights, so its requantize is no baseline).
+    """
     if pair.backend_name != "bnb4":
         return None
     try:
+        import bitsandbytes.functional as bnbF
+
         from qadapt_bnb import fast_quant
     except ImportError:
         return None
     meta, data = pair.original.meta, pair.original.tensors["data"]
+    quantize = bnbF.quantize_4bit if bitsandbytes_own else fast_quant.quantize_4bit
 
     def run(weight: torch.Tensor) -> Any:
-        return fast_quant.quantize_4bit(
+        return quantize(
             weight,
             blocksize=meta["blocksize"],
             compress_statistics=meta["nested"],
@@ -233,6 +242,7 @@ def _merge_times(pair: Pair, repeats: int, warmup: int, peft_ok: bool, fast_quan
     times["floor_s"] = times["dequantize_s"] + times["requantize_s"]
     if "fast_requantize_s" in times:
         times["fast_floor_s"] = times["dequantize_s"] + times["fast_requantize_s"]
+        times["bnb_floor_s"] = times["dequantize_s"] + times["bnb_requantize_s"]
         times["fast_requantize_identical"] = _fast_requantize_identical(pair)
     pair.reset_ours()
     pair.reset_peft()
