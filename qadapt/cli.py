@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="quantize a small transformer, train an adapter to close the gap, merge")
     demo.add_argument("--method", default="oft", help="method plugin (default: oft)")
     demo.add_argument("--backend", default="bnb4", help="backend plugin (default: bnb4)")
-    demo.add_argument("--steps", type=int, default=80, help="training steps (default: 80)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     demo.add_argument("--model", default=None, help="a local Hugging Face model folder instead of the built-in one")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0)

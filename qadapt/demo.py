@@ -30,13 +30,13 @@ class DemoSettings:
 
     method: str = "oft"
     backend: str = "bnb4"
-    steps: int = 80
+    steps: int = 300
     model_dir: str | None = None
     out_dir: str = "out/demo"
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 16
     seq_len: int = 48
-    lr: float = 1e-3
+    lr: float = 3e-4
     method_options: dict[str, Any] = field(default_factory=dict)
 
 
