@@ -22,7 +22,6 @@ from methods_for_tests import AddDelta, KnownOptions
 from safetensors.torch import save_file
 from tiny_models import perturb_adapters, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qadapt
 from qadapt.checkpoint import WEIGHTS_FILE
@@ -70,17 +69,7 @@ def llama() -> nn.Module:
 
 def narrow_llama() -> nn.Module:
     """Same module names as tiny_llama, hidden size 32 instead of 64."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=32)
 
 
 def wrapped(method: str = "oft", backend: str = "bnb4", options: dict | None = None, model=llama) -> nn.Module:

@@ -9,13 +9,13 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama, hidden 64, float32, eval mode, seeded init."""
+def tiny_llama(seed: int = 0, hidden_size: int = 64) -> LlamaForCausalLM:
+    """A 2-layer Llama, hidden ``hidden_size`` (MLP twice that), float32, eval mode, seeded init."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
