@@ -166,7 +166,7 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     step_time = (time.perf_counter() - started) / max(settings.steps, 1)
     student.eval()
