@@ -58,3 +58,22 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def inputs(in_f: int, seed: int = 1) -> torch.Tensor:
+    """A seeded input ``[3, 5, in_f]``."""
+    return torch.randn(3, 5, in_f, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_matches_peft(layer: QuantAdapterLinear, model: nn.Module, twin: nn.Module, x: torch.Tensor) -> None:
+    """Unmerged forwards, and the float merged weight before requantization, agree to 1e-5 relative.
+
+    Both stay in training mode: bitsandbytes' int8 CPU path only dequantizes the weight there (in
+    eval it also quantizes the activations).
+    """
+    with torch.no_grad():
+        ours, theirs = layer(x), model(x)
+        merged = layer.methods["default"].merge_weight(layer.adapters["default"], twin.base_layer.weight.clone())
+        twin.merge()
+    assert relative(ours, theirs) < 1e-5
+    assert relative(merged, twin.base_layer.weight) < 1e-5

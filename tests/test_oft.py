@@ -8,7 +8,16 @@ import peft
 import pydantic
 import pytest
 import torch
-from peft_reference import TARGET, float_twin, peft_layer, peft_model, relative, trainable_count
+from peft_reference import (
+    TARGET,
+    assert_matches_peft,
+    float_twin,
+    inputs,
+    peft_layer,
+    peft_model,
+    relative,
+    trainable_count,
+)
 from torch import nn
 
 from qadapt import QuantAdapterLinear, registry
@@ -65,25 +74,13 @@ def peft_twin(layer: QuantAdapterLinear, options: dict) -> tuple[nn.Module, nn.M
     return model, twin
 
 
-def inputs(in_f: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(3, 5, in_f, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize(("in_f", "out_f", "options"), CASES, ids=CASE_IDS)
 def test_forward_and_merged_weight_equal_peft(backend, in_f, out_f, options):
     options = {**options, "init_weights": False}
     layer = make_layer(in_f, out_f, options, backend)
     model, twin = peft_twin(layer, options)
-    x = inputs(in_f)
-    # Both stay in training mode: bitsandbytes' int8 CPU path only dequantizes the weight there
-    # (in eval it also quantizes the activations, see the bnb8 eval test below).
-    with torch.no_grad():
-        ours, theirs = layer(x), model(x)
-        merged = layer.methods["default"].merge_weight(layer.adapters["default"], twin.base_layer.weight.clone())
-        twin.merge()
-    assert relative(ours, theirs) < 1e-5
-    assert relative(merged, twin.base_layer.weight) < 1e-5
+    assert_matches_peft(layer, model, twin, inputs(in_f))
 
 
 def test_bnb8_eval_forward_is_peft_up_to_int8_activations():

@@ -8,7 +8,16 @@ import peft
 import pydantic
 import pytest
 import torch
-from peft_reference import TARGET, float_twin, peft_layer, peft_model, relative, trainable_count
+from peft_reference import (
+    TARGET,
+    assert_matches_peft,
+    float_twin,
+    inputs,
+    peft_layer,
+    peft_model,
+    relative,
+    trainable_count,
+)
 from torch import nn
 
 from qadapt import QuantAdapterLinear, registry
@@ -65,10 +74,6 @@ def peft_twin(layer: QuantAdapterLinear, options: dict) -> tuple[nn.Module, nn.M
     return model, twin
 
 
-def inputs(in_f: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(3, 5, in_f, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize(
     "options", [{}, {"projection_prng_key": 7, "r": 8}, {"sparse": True}, {"very_sparse": True, "r": 4}]
 )
@@ -95,14 +100,7 @@ def test_forward_and_merged_weight_equal_peft(backend, in_f, out_f, options):
     options = {**options, "init_weights": False}
     layer = make_layer(in_f, out_f, options, backend)
     model, twin = peft_twin(layer, options)
-    x = inputs(in_f)
-    # Training mode (dropout is 0): bitsandbytes' int8 CPU path quantizes activations in eval only.
-    with torch.no_grad():
-        ours, theirs = layer(x), model(x)
-        merged = layer.methods["default"].merge_weight(layer.adapters["default"], twin.base_layer.weight.clone())
-        twin.merge()
-    assert relative(ours, theirs) < 1e-5
-    assert relative(merged, twin.base_layer.weight) < 1e-5
+    assert_matches_peft(layer, model, twin, inputs(in_f))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
