@@ -38,7 +38,17 @@ from qadapt.model_ops import (
     unwrap,
 )
 from qadapt.peft_interop import load_peft_adapter, save_peft_adapter
-from qadapt.protocols import API_VERSION, Backend, BackendCapabilities, Method, PluginOptions, QuantizedWeight
+from qadapt.protocols import (
+    API_VERSION,
+    Backend,
+    BackendCapabilities,
+    BaseLayer,
+    CalibrationStats,
+    GroupLayout,
+    Method,
+    PluginOptions,
+    QuantizedWeight,
+)
 from qadapt.registry import PluginInfo, plugins
 from qadapt.wrap import wrap
 
@@ -50,11 +60,14 @@ __all__ = [
     "ArgumentTypeError",
     "Backend",
     "BackendCapabilities",
+    "BaseLayer",
+    "CalibrationStats",
     "CapabilityError",
     "CheckpointError",
     "ConfigError",
     "ConfigValidationError",
     "DuplicatePluginError",
+    "GroupLayout",
     "InputError",
     "MergeReport",
     "MergeResult",

@@ -8,7 +8,6 @@ restore, or the method's inverse).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -24,7 +23,7 @@ from qadapt.errors import (
     TargetError,
     UnsafeMergeError,
 )
-from qadapt.protocols import Backend, Method, QuantizedWeight
+from qadapt.protocols import Backend, BaseLayer, Method, QuantizedWeight
 
 UnmergeMode = Literal["exact", "inverse"]
 
@@ -65,6 +64,17 @@ def _resolve_plugin(kind: type, family: str, plugin: Any, options: Any) -> Any:
     raise ArgumentTypeError(
         f"{family[:-1]} must be a plugin name (str) or a {kind.__name__} instance, got {type(plugin).__name__}"
     )
+
+
+def check_compatible(method: Method, backend: Backend) -> None:
+    """Raise :class:`CapabilityError` when ``backend`` lacks a capability ``method`` requires."""
+    missing = sorted(need for need in method.requires if not getattr(backend.capabilities, need, False))
+    if missing:
+        raise CapabilityError(
+            f"method {method.name or type(method).__name__!r} needs backend capabilities {missing} that backend "
+            f"{backend.name or type(backend).__name__!r} does not declare; pick a backend that has them "
+            "(qadapt.plugins() lists the installed ones)"
+        )
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -108,6 +118,7 @@ class QuantAdapterLinear(nn.Module):
         method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
         if isinstance(base, QuantAdapterLinear):
             raise TargetError("this layer is already a QuantAdapterLinear; add an adapter with add_adapter()")
+        check_compatible(method_obj, backend_obj)
         if not backend_obj.owns(base):
             if type(base) is not nn.Linear:
                 raise TargetError(
@@ -141,6 +152,7 @@ class QuantAdapterLinear(nn.Module):
         """Create adapter ``name`` with ``method`` and make it active. Returns the adapter module."""
         self._check_new_name(name)
         method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
+        check_compatible(method_obj, self.backend)
         method_obj.check_layer(self.in_features, self.out_features)
         return self._add_checked_adapter(name, method_obj, shared)
 
@@ -158,6 +170,7 @@ class QuantAdapterLinear(nn.Module):
         if shared is None:
             shared = method_obj.create_shared([(self.in_features, self.out_features)])
         adapter = method_obj.create_adapter(self.in_features, self.out_features, shared)
+        method_obj.init_adapter(adapter, self.base_layer)
         device = next((t.device for t in self.base.parameters()), None)
         if device is not None:
             adapter.to(device)
@@ -218,10 +231,15 @@ class QuantAdapterLinear(nn.Module):
         """The frozen quantized layer alone (with whatever is merged into it)."""
         return self.backend.forward(self.base, x)
 
+    @property
+    def base_layer(self) -> BaseLayer:
+        """The frozen quantized layer as methods see it (callable, plus its dequantized weight)."""
+        return BaseLayer(self.backend, self.base)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         out_dtype = _output_dtype(x)
-        base_forward = partial(self.backend.forward, self.base)
+        base_forward = self.base_layer
         if self._merged is not None or not self.adapters_enabled or self.active_adapter is None:
             out = base_forward(x)
         else:

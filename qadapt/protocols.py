@@ -74,6 +74,48 @@ class BackendCapabilities:
     snapshot: bool = True
     #: Gradients flow through its forward to the input (needed to train adapters before it).
     train_forward: bool = True
+    #: Implements :meth:`Backend.requantize_keep_state`: codes are chosen against ``like``'s own
+    #: scales, which stay bit for bit (the default merge when available).
+    keep_state: bool = False
+    #: Implements :meth:`Backend.requantize_calibrated`: codes (and scales) chosen against the
+    #: layer's input statistics ``H = sum x x^T``.
+    calibrated: bool = False
+    #: Implements :meth:`Backend.group_layout`, :meth:`Backend.get_group_scales` and
+    #: :meth:`Backend.with_group_scales` (per-group scales, read and written).
+    group_scales: bool = False
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How a backend's per-group scales cover a weight ``[out, in]``.
+
+    The row-major flattened weight is cut into ``num_groups`` runs of ``group_size`` consecutive
+    elements (the last may be shorter); every element of a run is multiplied by the same scale.
+    bitsandbytes 4-bit: one run per absmax block; int8 row-wise: ``group_size == in_features``.
+    """
+
+    group_size: int
+    num_groups: int
+
+    def expand(self, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """``values [num_groups]`` repeated to a weight-shaped ``[out, in]`` tensor (differentiable)."""
+        numel = shape[0] * shape[1]
+        return values.repeat_interleave(self.group_size)[:numel].reshape(shape)
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """A layer's input statistics, gathered from calibration batches.
+
+    ``hessian``: ``H = sum_rows x x^T``, float32 ``[in, in]`` over ``rows`` input rows (the
+    output-space metric: ``||X E^T||^2 = tr(E H E^T)`` for a weight error ``E [out, in]``).
+    ``damp``: the relative damping a calibrated quantizer adds to H's diagonal
+    (``damp * mean(diag H)``) before inverting it.
+    """
+
+    hessian: torch.Tensor
+    rows: int
+    damp: float = 0.01
 
 
 class _Plugin(ABC):  # noqa: B024 (abstract through its two subclasses)
@@ -146,6 +188,44 @@ class Backend(_Plugin):
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The quantized layer's output ``[..., out]`` for ``x [..., in]``, safe to modify in place."""
 
+    # ----------------------------------------------------------- optional members
+    # Each is declared by a flag in ``capabilities``; the core asks only when the flag is set.
+
+    def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        """Quantize ``weight [out, in]`` keeping ``like``'s scales (and any nested state) bit for bit.
+
+        Only the codes are chosen (nearest). Needs ``capabilities.keep_state``. Returning storage
+        whose scale tensors are ``like``'s own objects is allowed (they are never written).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement requantize_keep_state")
+
+    def requantize_calibrated(
+        self, weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationStats
+    ) -> QuantizedWeight:
+        """Quantize ``weight [out, in]`` in ``like``'s format, choosing codes (and scales where the
+        format allows) to minimise the output error ``tr(E H E^T)`` under ``stats.hessian``.
+
+        Needs ``capabilities.calibrated``. The result must be in the backend's standard format.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement requantize_calibrated")
+
+    def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
+        """How ``storage``'s per-group scales cover its weight. Needs ``capabilities.group_scales``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement group_layout")
+
+    def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
+        """The effective per-group scales, float32 ``[num_groups]`` (what multiplies each group's codes)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement get_group_scales")
+
+    def with_group_scales(self, storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:
+        """New storage with ``storage``'s codes and per-group scales ``scales [num_groups]``.
+
+        ``dequantize`` of the result equals ``dequantize(storage)`` with each group rescaled by
+        ``scales / get_group_scales(storage)``, up to the format's rounding of scales (e.g. a
+        nested, double-quantized state). ``storage`` is not modified.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement with_group_scales")
+
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""
         return self.get_storage(module).clone()
@@ -163,12 +243,69 @@ class Backend(_Plugin):
 BaseForward = Callable[[torch.Tensor], torch.Tensor]
 
 
+class BaseLayer:
+    """What a method sees of the frozen quantized layer: call it as ``base_forward``, and more.
+
+    ``base(x [..., in]) -> [..., out]`` runs the backend's forward; :meth:`weight` gives the
+    dequantized weight for methods whose forward needs it (DoRA's norms, per-group scales).
+    """
+
+    def __init__(self, backend: Backend, module: nn.Module) -> None:
+        self.backend = backend
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.forward(self.module, x)
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """``(in_features, out_features)``."""
+        return self.backend.features(self.module)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias ``[out]`` or None."""
+        return getattr(self.module, "bias", None)
+
+    def storage(self) -> QuantizedWeight:
+        """The layer's current quantized storage."""
+        return self.backend.get_storage(self.module)
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, float32 ``[out, in]``, outside autograd."""
+        with torch.no_grad():
+            return self.backend.dequantize(self.storage()).float()
+
+    def group_layout(self) -> GroupLayout:
+        """The backend's per-group scale layout (needs ``capabilities.group_scales``)."""
+        return self.backend.group_layout(self.storage())
+
+
 class Method(_Plugin):
     """An adapter method: creates adapter modules and says how they act on a layer.
 
     A method instance is stateless apart from its options; trainable state lives in the adapter
     module it creates, so one instance serves every layer of a model.
     """
+
+    #: Backend capability flags (names of :class:`BackendCapabilities` fields) this method needs;
+    #: wrapping onto a backend without one of them is refused with the reason.
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def init_adapter(self, adapter: nn.Module, base: BaseLayer) -> None:
+        """Optional: finish a fresh adapter once the quantized layer exists (default: nothing).
+
+        Called right after :meth:`create_adapter` with the layer it will adapt, so an adapter can
+        size itself by the backend's groups or read the dequantized weight (DoRA's magnitude).
+        """
+
+    def merge_storage(self, adapter: nn.Module, base: BaseLayer, storage: QuantizedWeight) -> QuantizedWeight | None:
+        """Optional: merge straight into the backend's storage, or None for the float path.
+
+        A method whose change the format can represent exactly (per-group scales) returns new
+        storage here, and the core skips dequantize / requantize. ``storage`` is not modified.
+        """
+        return None
 
     def create_shared(self, shapes: Sequence[tuple[int, int]]) -> nn.Module | None:
         """State shared by all adapted layers of one model, or None (the default).
@@ -191,6 +328,9 @@ class Method(_Plugin):
     @abstractmethod
     def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseForward) -> torch.Tensor:
         """The adapted output ``[..., out]`` for ``x [..., in]``.
+
+        ``base_forward`` is a :class:`BaseLayer`: callable on ``x``, and it gives the
+        dequantized weight to methods that need it.
 
         Additive methods return ``base_forward(x) + delta(x)``; input-transform methods (OFT)
         return ``base_forward(transform(x))``.
