@@ -7,6 +7,7 @@ restore, or the method's inverse).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,36 +22,33 @@ from qadapt.errors import (
     ConfigError,
     InputError,
     TargetError,
-    UnsafeMergeError,
 )
-from qadapt.protocols import Backend, BaseLayer, Method, QuantizedWeight
+from qadapt.merging import MergeResult, RequantizeMode, check_finite, merge_storage
+from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, QuantizedWeight
+
+__all__ = ["MergeResult", "QuantAdapterLinear", "UnmergeMode", "check_compatible"]
 
 UnmergeMode = Literal["exact", "inverse"]
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What one layer's merge measured.
-
-    ``error``: relative Frobenius norm ``||deq(requant(W')) - W'|| / ||W'||`` between the exact
-    float merged weight ``W'`` and what the quantized storage now holds.
-    ``delta_retained``: the share of the adapter's change ``W' - W`` that survived
-    requantization (projection of the stored change onto the intended one; 1.0 is all of it,
-    0.0 means it was rounded away). None when the adapter changes nothing.
-    """
-
-    adapter: str
-    error: float
-    delta_retained: float | None
-
-    def __float__(self) -> float:
-        return self.error
 
 
 @dataclass
 class _MergedState:
     adapter: str
     snapshot: QuantizedWeight | None
+    #: digest of the adapter's tensors at merge: an inverse unmerge refuses a changed adapter.
+    digest: str
+    #: requires_grad of each adapter parameter before the merge froze them.
+    grad_flags: dict[str, bool]
+
+
+def adapter_digest(adapter: nn.Module) -> str:
+    """A digest of every tensor of ``adapter`` (names, dtypes, shapes, bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, tensor in adapter.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _resolve_plugin(kind: type, family: str, plugin: Any, options: Any) -> Any:
@@ -279,12 +277,24 @@ class QuantAdapterLinear(nn.Module):
             )
 
     @torch.no_grad()
-    def merge(self, safe: bool = True, adapter_name: str | None = None, keep_snapshot: bool = True) -> MergeResult:
-        """Fold an adapter into the quantized weight.
+    def merge(
+        self,
+        safe: bool = True,
+        adapter_name: str | None = None,
+        keep_snapshot: bool = True,
+        *,
+        requantize: RequantizeMode = "keep",
+        stats: CalibrationStats | None = None,
+        heldout: torch.Tensor | None = None,
+    ) -> MergeResult:
+        """Fold an adapter into the quantized weight (see :func:`qadapt.merging.merge_storage`).
 
         Dequantizes to float32, applies the method to the weight, checks the result is finite
-        (``safe``), requantizes with the layer's settings, and only then swaps the storage in.
-        With ``keep_snapshot`` the old storage is kept for a bit-identical ``unmerge("exact")``.
+        (``safe``), requantizes (``requantize``: ``"keep"`` the layer's scales where the backend can,
+        ``"calibrated"`` against ``stats``, or ``"fresh"``), keeps the old storage if the result would
+        be worse than no adapter, and only then swaps the storage in. With ``keep_snapshot`` the old
+        storage is kept for a bit-identical ``unmerge("exact")``. While merged, the adapter's
+        parameters are frozen (``requires_grad=False``); unmerge gives their flags back.
 
         Raises:
             AdapterStateError: an adapter is already merged.
@@ -301,15 +311,23 @@ class QuantAdapterLinear(nn.Module):
                 f"backend {self.backend.name!r} cannot snapshot its storage; merge with keep_snapshot=False"
             )
         storage = self.backend.get_storage(self.base)
-        weight = self.backend.dequantize(storage).float()
-        merged = self.methods[name].merge_weight(self.adapters[name], weight).float()
-        if safe:
-            _check_finite(merged, f"merging adapter {name!r}")
-        new_storage = self.backend.requantize(merged, like=storage)
-        result = _measure(name, weight, merged, self.backend.dequantize(new_storage))
+        adapter = self.adapters[name]
+        new_storage, result = merge_storage(
+            self.backend,
+            self.methods[name],
+            adapter,
+            storage,
+            name=name,
+            requantize_mode=requantize,
+            stats=stats,
+            heldout=heldout,
+            safe=safe,
+        )
         snapshot = storage.clone() if keep_snapshot else None
         self.backend.set_storage(self.base, new_storage)
-        self._merged = _MergedState(name, snapshot)
+        grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
+        self._merged = _MergedState(name, snapshot, adapter_digest(adapter), grad_flags)
+        adapter.requires_grad_(False)
         return result
 
     @torch.no_grad()
@@ -318,16 +336,19 @@ class QuantAdapterLinear(nn.Module):
 
         ``"exact"`` restores the storage snapshot taken at merge (bit-identical). ``"inverse"``
         computes ``method.unmerge_weight`` on the dequantized weight and requantizes (no memory
-        held while merged; the result carries the quantization error of two round trips).
+        held while merged; the result carries the quantization error of two round trips). The
+        adapter's parameters get their ``requires_grad`` flags back.
 
         Raises:
-            AdapterStateError: nothing is merged, or ``"exact"`` without a snapshot.
+            AdapterStateError: nothing is merged, ``"exact"`` without a snapshot, or ``"inverse"``
+                after the adapter's tensors changed since the merge.
         """
         if mode not in ("exact", "inverse"):
             raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
         if self._merged is None:
             raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
         state = self._merged
+        adapter = self.adapters[state.adapter]
         if mode == "exact":
             if state.snapshot is None:
                 raise AdapterStateError(
@@ -336,12 +357,19 @@ class QuantAdapterLinear(nn.Module):
             self.backend.restore(self.base, state.snapshot)
         else:
             self._check_can_merge()
+            if adapter_digest(adapter) != state.digest:
+                raise AdapterStateError(
+                    f"adapter {state.adapter!r} changed since it was merged, so an inverse unmerge would not give "
+                    "the base weight back; restore the adapter or unmerge(mode='exact')"
+                )
             storage = self.backend.get_storage(self.base)
             weight = self.backend.dequantize(storage).float()
-            restored = self.methods[state.adapter].unmerge_weight(self.adapters[state.adapter], weight).float()
+            restored = self.methods[state.adapter].unmerge_weight(adapter, weight).float()
             if safe:
-                _check_finite(restored, f"unmerging adapter {state.adapter!r}")
+                check_finite(restored, f"unmerging adapter {state.adapter!r}")
             self.backend.set_storage(self.base, self.backend.requantize(restored, like=storage))
+        for key, param in adapter.named_parameters():
+            param.requires_grad_(state.grad_flags.get(key, param.requires_grad))
         self._merged = None
 
     # --------------------------------------------------------------- reporting
@@ -361,33 +389,3 @@ def _check_not_empty(in_features: int, out_features: int) -> None:
             f"cannot adapt a zero-sized layer (in_features={in_features}, out_features={out_features}); "
             "both must be at least 1"
         )
-
-
-def _check_finite(weight: torch.Tensor, what: str) -> None:
-    # A sum is non-finite whenever any term is, so one reduction clears the common case; the
-    # element-wise mask (a full-size temporary) is built only to count the bad values.
-    if bool(torch.isfinite(weight.sum())):
-        return
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise UnsafeMergeError(
-            f"{what} gives {bad} non-finite value(s) of {weight.numel()} (NaN/Inf); nothing was written"
-        )
-
-
-def _measure(
-    name: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor, rows: int = 256
-) -> MergeResult:
-    """Merge figures from ``[out, in]`` weights, a block of rows at a time (no full-size temporaries)."""
-    # sums of: target^2, (stored - target)^2, (stored - before).(target - before), (target - before)^2
-    sums = torch.zeros(4, dtype=torch.float64, device=target.device)
-    for b, t, s in zip(before.split(rows), target.split(rows), stored.split(rows), strict=True):
-        intended = t - b
-        sums += torch.stack(
-            [t.square().sum(), (s - t).square().sum(), ((s - b) * intended).sum(), intended.square().sum()]
-        ).double()
-    target_sq, error_sq, overlap, intended_sq = sums.tolist()
-    error = (error_sq / target_sq) ** 0.5 if target_sq > 0 else 0.0
-    retained = overlap / intended_sq if intended_sq > 0 else None
-    return MergeResult(name, error, retained)

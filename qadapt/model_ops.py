@@ -174,6 +174,7 @@ def unmerge(model: nn.Module, mode: UnmergeMode = "exact") -> None:
         for layer, storage, merged_state in reversed(done):
             layer.backend.set_storage(layer.base, storage)
             layer._merged = merged_state
+            layer.adapters[merged_state.adapter].requires_grad_(False)
         raise
 
 

@@ -248,27 +248,33 @@ class BaseLayer:
 
     ``base(x [..., in]) -> [..., out]`` runs the backend's forward; :meth:`weight` gives the
     dequantized weight for methods whose forward needs it (DoRA's norms, per-group scales).
+    Built over a module, or over bare storage (an export merges checkpoint tensors without
+    modules; calling such a BaseLayer raises).
     """
 
-    def __init__(self, backend: Backend, module: nn.Module) -> None:
+    def __init__(
+        self, backend: Backend, module: nn.Module | None = None, storage: QuantizedWeight | None = None
+    ) -> None:
+        if (module is None) == (storage is None):
+            raise TypeError("BaseLayer takes exactly one of module or storage")
         self.backend = backend
         self.module = module
+        self._storage = storage
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is None:
+            raise TypeError("this BaseLayer holds bare storage (no module); it has no forward")
         return self.backend.forward(self.module, x)
 
     @property
-    def features(self) -> tuple[int, int]:
-        """``(in_features, out_features)``."""
-        return self.backend.features(self.module)
-
-    @property
     def bias(self) -> torch.Tensor | None:
-        """The layer's bias ``[out]`` or None."""
-        return getattr(self.module, "bias", None)
+        """The layer's bias ``[out]`` or None (None for bare storage)."""
+        return None if self.module is None else getattr(self.module, "bias", None)
 
     def storage(self) -> QuantizedWeight:
         """The layer's current quantized storage."""
+        if self._storage is not None:
+            return self._storage
         return self.backend.get_storage(self.module)
 
     def weight(self) -> torch.Tensor:
@@ -299,11 +305,11 @@ class Method(_Plugin):
         size itself by the backend's groups or read the dequantized weight (DoRA's magnitude).
         """
 
-    def merge_storage(self, adapter: nn.Module, base: BaseLayer, storage: QuantizedWeight) -> QuantizedWeight | None:
-        """Optional: merge straight into the backend's storage, or None for the float path.
+    def merge_storage(self, adapter: nn.Module, backend: Backend, storage: QuantizedWeight) -> QuantizedWeight | None:
+        """Optional: merge straight into ``backend``'s storage, or None for the float path.
 
         A method whose change the format can represent exactly (per-group scales) returns new
-        storage here, and the core skips dequantize / requantize. ``storage`` is not modified.
+        storage here, and the core skips requantization. ``storage`` is not modified.
         """
         return None
 
