@@ -92,7 +92,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _storage_digest(model: nn.Module) -> str:
-    from qadapt.model_ops import wrapped_layers
+    from qadapt.model_layers import wrapped_layers
 
     digest = hashlib.sha256()
     for name, layer in wrapped_layers(model):

@@ -286,6 +286,7 @@ class QuantAdapterLinear(nn.Module):
         requantize: RequantizeMode = "keep",
         stats: CalibrationStats | None = None,
         heldout: torch.Tensor | None = None,
+        tune_steps: int = 0,
     ) -> MergeResult:
         """Fold an adapter into the quantized weight (see :func:`qadapt.merging.merge_storage`).
 
@@ -322,6 +323,7 @@ class QuantAdapterLinear(nn.Module):
             stats=stats,
             heldout=heldout,
             safe=safe,
+            tune_steps=tune_steps,
         )
         snapshot = storage.clone() if keep_snapshot else None
         self.backend.set_storage(self.base, new_storage)
