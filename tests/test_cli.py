@@ -62,6 +62,9 @@ def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
         assert row in result.stdout
     assert "exact unmerge bit-identical                  yes" in result.stdout
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "merges.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for merge in ("naive requantize", "default merge", "calibrated merge", "float target (bf16)", "scales method"):
+        assert f"oft's gain kept: {merge}" in result.stdout
     assert (out / "adapter").is_dir() and any((out / "adapter").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["layers wrapped"] == "14"
