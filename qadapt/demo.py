@@ -51,6 +51,22 @@ class DemoSettings:
 
 
 @dataclass
+class MergeOutcome:
+    """One way of merging: the KL to the float model after it, and the share of the fine-tune's gain kept."""
+
+    label: str
+    kl: float
+    gain_kept: float | None
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.gain_kept is None:
+            return self.note
+        text = f"{self.gain_kept:+.1%} (KL {self.kl:.5f})"
+        return f"{text}, {self.note}" if self.note else text
+
+
+@dataclass
 class DemoResult:
     """The figures the demo's table shows."""
 
@@ -60,6 +76,8 @@ class DemoResult:
     merge_max_error: float
     exact_unmerge_identical: bool
     out_dir: Path
+    #: what each way of merging kept (see :class:`MergeOutcome`).
+    merges: list[MergeOutcome] = field(default_factory=list)
 
 
 def build_default_model(seed: int) -> nn.Module:
@@ -168,22 +186,6 @@ def _train(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     student.eval()
     return losses, (time.perf_counter() - started) / max(settings.steps, 1)
-
-
-@dataclass
-class MergeOutcome:
-    """One way of merging: the KL to the float model after it, and the share of the fine-tune's gain kept."""
-
-    label: str
-    kl: float
-    gain_kept: float | None
-    note: str = ""
-
-    def describe(self) -> str:
-        if self.gain_kept is None:
-            return self.note
-        text = f"{self.gain_kept:+.1%} (KL {self.kl:.5f})"
-        return f"{text}, {self.note}" if self.note else text
 
 
 def _gain_kept(gap_before: float, gap_after: float, gap_merged: float) -> float | None:
@@ -352,4 +354,4 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
     if verbose:
         print()
         print(format_table(("what", "value"), rows))
-    return DemoResult(rows, losses, recovered, errors[-1], exact_identical, out_dir)
+    return DemoResult(rows, losses, recovered, errors[-1], exact_identical, out_dir, merges)
