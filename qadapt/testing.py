@@ -31,6 +31,7 @@ from torch import nn
 from qadapt import registry
 from qadapt.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, Method
+from qadapt.reference import float_base_layer
 
 BackendCheck = Callable[..., None]
 MethodCheck = Callable[..., None]
@@ -278,7 +279,7 @@ def check_merge_weight_matches_forward(
         assert torch.equal(weight, kept), "merge_weight() modified its input"
         assert merged.shape == weight.shape, f"merge_weight() shape {tuple(merged.shape)}"
         bias = layer.base.bias
-        expected = layer.methods[name].forward(layer.adapters[name], x, lambda z: F.linear(z, weight, bias))
+        expected = layer.methods[name].forward(layer.adapters[name], x, float_base_layer(weight, bias))
         error = _relative(F.linear(x, merged, bias), expected)
     assert error <= tolerance, f"linear(merge_weight(W)) differs from the adapted forward by {error:.2e}"
 
