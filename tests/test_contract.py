@@ -11,7 +11,7 @@ from qadapt import registry, testing
 from qadapt.protocols import QuantizedWeight
 from qadapt.reference import FloatBackend
 
-BUILTIN_METHODS = [name for name in ("oft", "randlora") if name in registry.names("methods")]
+BUILTIN_METHODS = [name for name in ("oft", "randlora", "lora", "dora") if name in registry.names("methods")]
 
 
 @pytest.mark.parametrize("check", testing.backend_checks(), ids=lambda c: c.__name__)
