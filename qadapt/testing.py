@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from qadapt import registry
+from qadapt.errors import ConfigError
 from qadapt.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, Method
 from qadapt.reference import float_base_layer
@@ -334,10 +335,45 @@ def check_low_precision_inputs(
             assert error < 0.05, f"{dtype} input differs from float32 by {error:.3f}"
 
 
+def _shapes(in_features: int, out_features: int) -> list[tuple[int, int]]:
+    return list(dict.fromkeys([(in_features, out_features), (out_features, in_features), (24, 8), (7, 5)]))
+
+
+def _check_layer_refusal(plugin: Any, in_f: int, out_f: int) -> bool:
+    """True when ``check_layer`` refuses the shape with a ConfigError; other exceptions fail the rule."""
+    try:
+        plugin.check_layer(in_f, out_f)
+    except ConfigError:
+        return True
+    except Exception as exc:
+        raise AssertionError(
+            f"check_layer({in_f}, {out_f}) raised {type(exc).__name__} ({exc}); it must raise "
+            "qadapt.errors.ConfigError naming the option, its value and what would fit"
+        ) from None
+    return False
+
+
+def check_check_layer_agrees_with_quantize(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """``check_layer`` refuses a shape only with a ConfigError, and every shape it accepts quantizes."""
+    backend = _backend(backend, options)
+    for in_f, out_f in _shapes(in_features, out_features):
+        if _check_layer_refusal(backend, in_f, out_f):
+            continue
+        try:
+            _quantized(backend, in_f, out_f, seed)
+        except Exception as exc:
+            raise AssertionError(
+                f"check_layer({in_f}, {out_f}) accepted the shape but quantize() raised {type(exc).__name__}: {exc}"
+            ) from None
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
         check_quantize_gives_an_owned_module,
+        check_check_layer_agrees_with_quantize,
         check_dequantize_shape_dtype_and_accuracy,
         check_forward_matches_dequantized_weight,
         check_forward_output_is_fresh_and_storage_untouched,
@@ -503,9 +539,33 @@ def check_merge_protocol_through_layer(
     assert layer.backend.get_storage(layer.base).equal(before), "exact unmerge is not bit-identical"
 
 
+def check_check_layer_agrees_with_create_adapter(
+    method: Method | str,
+    *,
+    options: Any = None,
+    backend: str | Backend = "none",
+    in_features: int = 64,
+    out_features: int = 48,
+    seed: int = 0,
+) -> None:
+    """``check_layer`` refuses a shape only with a ConfigError, and every shape it accepts gets an adapter."""
+    method = _method(method, options)
+    for in_f, out_f in _shapes(in_features, out_features):
+        if _check_layer_refusal(method, in_f, out_f):
+            continue
+        try:
+            QuantAdapterLinear(_float_linear(in_f, out_f, seed), method, backend)
+        except Exception as exc:
+            raise AssertionError(
+                f"check_layer({in_f}, {out_f}) accepted the shape but building the adapted layer raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+
+
 def method_checks() -> list[MethodCheck]:
     """Every method check, for ``pytest.mark.parametrize``."""
     return [
+        check_check_layer_agrees_with_create_adapter,
         check_adapter_is_trainable_and_alone,
         check_training_step_moves_the_output,
         check_merge_weight_matches_forward,

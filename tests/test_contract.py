@@ -288,3 +288,23 @@ def test_an_unexpected_exception_is_reported_under_its_check():
 
     with pytest.raises(AssertionError, match=r"check_unmerge_weight_inverts_merge_weight: raised KeyError: 'boom'"):
         testing.check_method(Exploding())
+
+
+def test_check_layer_must_refuse_with_a_config_error_and_accept_only_what_works():
+    class BareError(AddDelta):
+        def check_layer(self, in_features, out_features):
+            if in_features % 2:
+                raise ValueError("odd")
+
+    class AcceptsTooMuch(FloatBackend):
+        def quantize(self, linear):
+            if linear.in_features % 2:
+                raise RuntimeError("odd widths are not supported")
+            return linear
+
+    with pytest.raises(
+        AssertionError, match=r"check_layer\(7, 5\) raised ValueError \(odd\); it must raise .*ConfigError"
+    ):
+        testing.check_method(BareError())
+    with pytest.raises(AssertionError, match=r"check_layer\(7, 5\) accepted the shape but quantize\(\) raised"):
+        testing.check_check_layer_agrees_with_quantize(AcceptsTooMuch())
