@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,6 +64,8 @@ def _installed_backends() -> tuple[list[Backend], list[str]]:
             found.append(registry.backend_class(name)())
         except PluginError as exc:
             failures.append(str(exc))
+        except ValidationError as exc:  # its options have no valid defaults: it cannot take part in "auto"
+            failures.append(f"backend {name!r} has options without valid defaults ({exc.error_count()} problem(s))")
     found.sort(key=lambda backend: isinstance(backend, FloatBackend))
     return found, failures
 

@@ -320,3 +320,26 @@ def test_wrap_by_plugin_name_validates_options_with_locations():
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(layer.methods["default"], Method) and layer.methods["default"].options.init == 0.5
     perturb_adapters(model)
+
+
+def test_auto_skips_a_backend_whose_options_have_no_valid_defaults(make_distribution):
+    make_distribution(
+        "needs-options",
+        "1.0",
+        {"qadapt.backends": {"needsopts": "needs_opts:NeedsOptions"}},
+        {
+            "needs_opts": """
+            from pydantic import Field
+            from qadapt.protocols import PluginOptions
+            from qadapt.reference import FloatBackend
+
+            class Required(PluginOptions):
+                bits: int = Field(description="no default")
+
+            class NeedsOptions(FloatBackend):
+                Options = Required
+            """
+        },
+    )
+    model = qadapt.wrap(tiny_llama(), method="lora", backend="auto", targets="q_proj")
+    assert qadapt.summary(model).backends == {"none": 2}
