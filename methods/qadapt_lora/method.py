@@ -109,7 +109,8 @@ class DoraMethod(LoraMethod):
 
     def init_adapter(self, adapter: nn.Module, base: BaseLayer) -> None:
         adapter = _as(adapter, DoraAdapter, self)
-        norm = row_norm(base.weight(), adapter.delta_weight())
+        weight = base.weight()  # the adapter may still be on the CPU while the base is elsewhere
+        norm = row_norm(weight, adapter.delta_weight().to(weight.device))
         with torch.no_grad():
             adapter.magnitude.copy_(norm)
 
@@ -139,8 +140,8 @@ class DoraMethod(LoraMethod):
 
     def merge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         adapter = _as(adapter, DoraAdapter, self)
-        combined = weight.float() + adapter.delta_weight()
-        norm = row_norm(combined, torch.zeros((), dtype=combined.dtype))
+        combined = weight.float() + adapter.delta_weight().detach()
+        norm = torch.linalg.vector_norm(combined, dim=1)
         adapter.merged_norm = norm
         return (self._factor(adapter, norm) * combined).to(weight.dtype)
 
@@ -151,7 +152,7 @@ class DoraMethod(LoraMethod):
                 "dora's inverse unmerge needs the row norms of its merge, which this adapter does not hold "
                 "(merged in another process?); unmerge with mode='exact'"
             )
-        restored = weight.float() / self._factor(adapter, adapter.merged_norm) - adapter.delta_weight()
+        restored = weight.float() / self._factor(adapter, adapter.merged_norm) - adapter.delta_weight().detach()
         return restored.to(weight.dtype)
 
 
