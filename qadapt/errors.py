@@ -48,6 +48,14 @@ class TargetError(QAdaptError, ValueError):
     """Targeting found no module to wrap, or a module that cannot be wrapped."""
 
 
+class LayerFitError(TargetError, ConfigError):
+    """A method's or backend's options do not fit some target layers (their ``check_layer`` refused them).
+
+    Both a :class:`TargetError` (which layers) and a :class:`ConfigError` (which option), so either
+    ``except`` catches it; the message lists every layer with its name and shape.
+    """
+
+
 class AdapterStateError(QAdaptError, RuntimeError):
     """An operation does not fit the layer's state (merge twice, unmerge when not merged, ...)."""
 

@@ -125,6 +125,7 @@ class QuantAdapterLinear(nn.Module):
                 )
             in_f, out_f = base.in_features, base.out_features
             _check_not_empty(in_f, out_f)
+            backend_obj.check_layer(in_f, out_f)
             method_obj.check_layer(in_f, out_f)
             base = backend_obj.quantize(base)
         else:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from qadapt import registry
@@ -136,16 +137,25 @@ def disable_adapters(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class WrapSummary:
-    """Figures of a wrapped model, as returned by :func:`summary`."""
+    """Figures of a wrapped model, as returned by :func:`summary`.
+
+    Counted the same whatever a backend stores its codes in (parameters, buffers, or plain
+    attributes): each wrapped layer's weight counts as the ``out x in`` weights it represents
+    (not as packed codes), and bytes count every tensor the model holds once.
+    """
 
     layers: int
     adapters: list[str]
     backends: dict[str, int]
     merged_layers: int
+    #: parameters that train (the adapters').
     trainable_params: int
+    #: every parameter outside the wrapped layers' quantized storage, plus ``out x in`` per wrapped layer.
     total_params: int
     #: bytes of the wrapped layers' quantized weight storage (codes, scales, ...).
     quantized_bytes: int
+    #: bytes of every tensor the model holds (parameters, buffers, quantized storage), each once.
+    total_bytes: int
 
     def __str__(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -157,14 +167,32 @@ class WrapSummary:
                 f"merged layers:    {self.merged_layers}",
                 f"trainable params: {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)",
                 f"quantized weights: {self.quantized_bytes:,} bytes",
+                f"model tensors:    {self.total_bytes:,} bytes",
             ]
         )
 
 
+def _memory_key(tensor: torch.Tensor) -> tuple[str, int, int]:
+    """Identifies the memory a tensor uses (views and aliases of one storage share the key)."""
+    storage = tensor.untyped_storage()
+    return (str(tensor.device), storage.data_ptr(), storage.nbytes())
+
+
 def summary(model: nn.Module) -> WrapSummary:
-    """Layers wrapped, adapters, trainable / total parameters (as stored), bytes of quantized weights."""
+    """Layers wrapped, adapters, trainable / total parameters, bytes of quantized weights and of the model.
+
+    See :class:`WrapSummary` for how parameters and bytes are counted.
+    """
     layers = list(adapter_layers(model))
-    params = {id(p): p for p in model.parameters()}.values()
+    storage_tensors = [t for _, layer in layers for t in layer.backend.get_storage(layer.base).tensors.values()]
+    in_storage = {_memory_key(t) for t in storage_tensors if not t.is_meta}
+    params = list({id(p): p for p in model.parameters()}.values())
+    outside = [p for p in params if p.is_meta or _memory_key(p) not in in_storage]
+    represented = sum(layer.in_features * layer.out_features for _, layer in layers)
+    unique: dict[tuple[str, int, int], int] = {}
+    for tensor in [*params, *model.buffers(), *storage_tensors]:
+        if not tensor.is_meta:
+            unique[_memory_key(tensor)] = tensor.untyped_storage().nbytes()
     backends = Counter(layer.backend.name or type(layer.backend).__name__ for _, layer in layers)
     return WrapSummary(
         layers=len(layers),
@@ -172,6 +200,7 @@ def summary(model: nn.Module) -> WrapSummary:
         backends=dict(backends),
         merged_layers=sum(layer.merged for _, layer in layers),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in outside) + represented,
         quantized_bytes=sum(layer.backend.get_storage(layer.base).nbytes for _, layer in layers),
+        total_bytes=sum(unique.values()),
     )

@@ -48,22 +48,28 @@ def _peft_hooks(method: Method | type[Method]) -> ModuleType | None:
     return hooks
 
 
-def _method_for_peft_type(peft_type: str) -> tuple[str, ModuleType]:
-    """The installed method whose hooks read ``peft_type``; raises listing the types that are supported."""
-    supported = {}
+def _method_for_peft_type(peft_type: str, config: Mapping[str, Any]) -> tuple[str, ModuleType]:
+    """The installed method whose hooks read ``peft_type`` (and accept ``config``, for types several
+    methods share); raises listing the types that are supported."""
+    supported, matches = set(), []
     for name in registry.names("methods"):
         try:
-            hooks = _peft_hooks(registry.method_class(name))
+            cls = registry.method_class(name)
+            hooks = _peft_hooks(cls)
         except PluginError:
             continue
-        if hooks is not None:
-            supported[hooks.PEFT_TYPE] = (name, hooks)
-    if peft_type not in supported:
+        if hooks is None:
+            continue
+        supported.add(hooks.PEFT_TYPE)
+        accepts = getattr(hooks, "accepts_peft", None)
+        if hooks.PEFT_TYPE == peft_type and (accepts is None or accepts(cls, config)):
+            matches.append((name, hooks))
+    if not matches:
         raise CheckpointError(
-            f"no installed qadapt method reads PEFT adapters of type {peft_type!r}; "
-            f"supported: {', '.join(sorted(supported)) or '(none)'}"
+            f"no installed qadapt method reads PEFT adapters of type {peft_type!r} with this config; "
+            f"supported types: {', '.join(sorted(supported)) or '(none)'}"
         )
-    return supported[peft_type]
+    return matches[0]
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -143,7 +149,7 @@ def load_peft_adapter(
     source = str(directory)
     peft_config, tensors = _read_peft_dir(directory)
     peft_type = peft_config.get("peft_type")
-    method_name, hooks = _method_for_peft_type(str(peft_type))
+    method_name, hooks = _method_for_peft_type(str(peft_type), peft_config)
     _check_unsupported(peft_config, source)
     layers, model_level = _split_keys(tensors, tuple(hooks.PEFT_LAYER_KEYS), source)
     try:

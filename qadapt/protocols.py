@@ -189,7 +189,16 @@ class Backend(_Plugin):
         """The quantized layer's output ``[..., out]`` for ``x [..., in]``, safe to modify in place."""
 
     # ----------------------------------------------------------- optional members
-    # Each is declared by a flag in ``capabilities``; the core asks only when the flag is set.
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        """Raise a :class:`qadapt.errors.ConfigError` when the options cannot quantize a float layer of
+        this shape (a group size that does not divide ``in_features``, say). Default: any shape.
+
+        Called for every float layer the backend would quantize, before any module is created;
+        ``wrap`` adds the layer's name and reports every layer that does not fit at once.
+        """
+
+    # Each member below is declared by a flag in ``capabilities``; the core asks only when it is set.
 
     def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         """Quantize ``weight [out, in]`` keeping ``like``'s scales (and any nested state) bit for bit.

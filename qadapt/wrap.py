@@ -13,12 +13,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
 from qadapt import registry
 from qadapt.config import AUTO_BACKEND, QAdaptConfig, load_config, validate_config
-from qadapt.errors import ArgumentTypeError, ConfigError, PluginError, TargetError
+from qadapt.errors import ArgumentTypeError, ConfigError, LayerFitError, PluginError, TargetError
 from qadapt.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, Method
 from qadapt.reference import FloatBackend
@@ -63,6 +64,8 @@ def _installed_backends() -> tuple[list[Backend], list[str]]:
             found.append(registry.backend_class(name)())
         except PluginError as exc:
             failures.append(str(exc))
+        except ValidationError as exc:  # its options have no valid defaults: it cannot take part in "auto"
+            failures.append(f"backend {name!r} has options without valid defaults ({exc.error_count()} problem(s))")
     found.sort(key=lambda backend: isinstance(backend, FloatBackend))
     return found, failures
 
@@ -142,10 +145,11 @@ def plan_targets(
     """Every target with its backend and shape, checked against the method; nothing is modified.
 
     Raises:
-        TargetError / ConfigError: listing every layer that does not fit, not only the first.
+        TargetError: listing every layer that cannot be adapted, not only the first; a
+            :class:`LayerFitError` (also a ConfigError) when a ``check_layer`` refused any.
     """
     found = select_targets(model, targets, exclude, choice.is_linear, lambda m: isinstance(m, QuantAdapterLinear))
-    plan, problems = [], []
+    plan, problems, config_problems = [], [], 0
     for name, module in found:
         try:
             backend = choice.pick(name, module)
@@ -159,15 +163,24 @@ def plan_targets(
         if in_f <= 0 or out_f <= 0:
             problems.append(f"{name} ({in_f} -> {out_f}): a zero-sized layer has nothing to adapt")
             continue
-        try:
-            method.check_layer(in_f, out_f)
-        except ConfigError as exc:
-            problems.append(f"{name} ({in_f} -> {out_f}): {exc}")
+        # The backend's options matter only for the float layers it will quantize.
+        checks = [method.check_layer] if backend.owns(module) else [backend.check_layer, method.check_layer]
+        misfits = []
+        for check in checks:
+            try:
+                check(in_f, out_f)
+            except ConfigError as exc:
+                misfits.append(f"{name} ({in_f} -> {out_f}): {exc}")
+        if misfits:
+            problems += misfits
+            config_problems += len(misfits)
             continue
         plan.append(_Target(name, module, backend, in_f, out_f))
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise TargetError(f"cannot wrap {len(problems)} of {len(found)} target layers:\n  " + "\n  ".join(shown))
+        # An option that does not fit a layer is a config problem too: catchable as either.
+        error = LayerFitError if config_problems else TargetError
+        raise error(f"cannot wrap {len(problems)} of {len(found)} target layers:\n  " + "\n  ".join(shown))
     return plan
 
 

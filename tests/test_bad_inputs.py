@@ -32,6 +32,7 @@ from qadapt.errors import (
     CheckpointError,
     ConfigError,
     InputError,
+    LayerFitError,
     TargetError,
     UnsafeMergeError,
 )
@@ -239,7 +240,7 @@ CATALOGUE: list[Bad] = [
         "oft-block-size-not-dividing-in-features",
         llama,
         lambda m, _: qadapt.wrap(m, method="oft", backend="bnb4", targets="q_proj", method_options={"block_size": 24}),
-        TargetError,
+        LayerFitError,
         (r"block_size=24 does not divide", "in_features=64", "closest valid block_size: 16 or 32", "adjust_block_size"),
     ),
     Bad(
@@ -253,14 +254,14 @@ CATALOGUE: list[Bad] = [
         "oft-r-above-in-features",
         llama,
         lambda m, _: qadapt.wrap(m, method="oft", targets="q_proj", method_options={"r": 65}),
-        TargetError,
+        LayerFitError,
         (r"r=65 does not divide", "in_features=64", "closest valid r: 64"),
     ),
     Bad(
         "oft-block-larger-than-layer",
         llama,
         lambda m, _: qadapt.wrap(m, method="oft", targets="q_proj", method_options={"block_size": 128}),
-        TargetError,
+        LayerFitError,
         ("block_size=128 does not divide", "in_features=64"),
     ),
     Bad(

@@ -113,3 +113,26 @@ def test_bnb4_fast_requantize_gives_the_bits_bitsandbytes_gives():
     assert weight.numel() >= fast_quant.FAST_MIN_ELEMENTS
     assert fast.requantize(weight, like=like).equal(plain.requantize(weight, like=like))
     assert fast_quant.verified(), "the compiled quantizer should pass its self-check on this machine"
+
+
+def test_the_hub_kernel_noise_is_dropped_and_other_bitsandbytes_warnings_pass(caplog):
+    """bitsandbytes logs the optional kernels-community lookup failing (offline, or `kernels` absent) at import
+    on AVX512-BF16 CPUs; qadapt_bnb drops that one record and nothing else."""
+    import logging
+
+    import qadapt_bnb
+    from qadapt_bnb import _quiet
+
+    assert qadapt_bnb.Bnb4Backend is not None
+    logger = logging.getLogger(_quiet.SOURCE_LOGGER)
+    with caplog.at_level(logging.DEBUG):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+            "`pip install kernels` and the kernels >= 0.11.1",
+            ModuleNotFoundError("No module named 'kernels'"),
+        )
+        logger.warning("a real bitsandbytes warning: %s", "kept")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["a real bitsandbytes warning: kept"]
+    dropped = [r for r in caplog.records if r.name == "qadapt_bnb"]
+    assert len(dropped) == 1 and dropped[0].levelno == logging.DEBUG and "kernels-community" in dropped[0].getMessage()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for row in ("share of the quantization gap recovered", "exact unmerge bit-identical", "time per training step"):
         assert row in result.stdout
-    assert "exact unmerge bit-identical                  yes" in result.stdout
+    assert re.search(r"exact unmerge bit-identical +yes", result.stdout)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "merges.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for merge in ("naive requantize", "default merge", "calibrated merge", "float target (bf16)", "scales method"):
