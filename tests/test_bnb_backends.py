@@ -136,3 +136,49 @@ def test_the_hub_kernel_noise_is_dropped_and_other_bitsandbytes_warnings_pass(ca
     assert [r.getMessage() for r in warnings] == ["a real bitsandbytes warning: kept"]
     dropped = [r for r in caplog.records if r.name == "qadapt_bnb"]
     assert len(dropped) == 1 and dropped[0].levelno == logging.DEBUG and "kernels-community" in dropped[0].getMessage()
+
+
+_AS_IF_AVX512_BF16 = """
+import importlib.abc, importlib.util, sys
+
+class AsIfAvx512Bf16(importlib.abc.MetaPathFinder):
+    # bitsandbytes only tries the hub kernel on AVX512-BF16 CPUs: claim one while its CPU ops load.
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.backends.cpu.ops":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            import bitsandbytes.functional as functional
+            functional.has_avx512bf16 = lambda: True
+            run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AsIfAvx512Bf16())
+import logging
+logging.getLogger("bitsandbytes").warning("a real bitsandbytes warning")
+"""
+
+
+def test_importing_qadapt_bnb_on_an_avx512_bf16_cpu_prints_no_hub_kernel_line():
+    """One subprocess (importing bitsandbytes costs seconds): bitsandbytes does emit the line there (qadapt_bnb's
+    debug logger, printed to stdout, receives it), stderr does not show it, and other warnings still show."""
+    import subprocess
+    import sys
+
+    code = _AS_IF_AVX512_BF16 + (
+        "debug = logging.getLogger('qadapt_bnb')\n"
+        "debug.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "debug.setLevel(logging.DEBUG)\n"
+        "debug.propagate = False\n"
+        "import qadapt_bnb\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    assert line in proc.stdout, proc.stdout
+    assert line not in proc.stderr and "a real bitsandbytes warning" in proc.stderr, proc.stderr

@@ -221,5 +221,5 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         registered = archive.read(entry_points).decode()
     assert {"qadapt", "qadapt_bnb"} <= top_level
-    assert top_level <= {"qadapt", "qadapt_bnb", "qadapt_oft", "qadapt_randlora"}
+    assert top_level <= {"qadapt", "qadapt_bnb", "qadapt_lora", "qadapt_oft", "qadapt_randlora"}
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
