@@ -157,6 +157,43 @@ def load(family: Family, name: str) -> type:
     return plugin
 
 
+def registered_name(plugin: Method | Backend) -> str | None:
+    """The entry-point name ``plugin``'s own class is registered under, or None when it is not.
+
+    A subclass of a registered plugin is not registered by inheritance: it computes something
+    else, so it has to be registered under a name of its own. Only entry points of the package
+    that defines the class are imported to find out.
+    """
+    family: Family = "methods" if isinstance(plugin, Method) else "backends"
+    cls = type(plugin)
+    own = cls.__dict__.get("name")
+    candidates = [own] if isinstance(own, str) and own else []
+    package = cls.__module__.split(".")[0]
+    candidates += sorted(
+        name
+        for name, entries in _entry_points(family).items()
+        if len(entries) == 1 and entries[0].value.split(":")[0].split(".")[0] == package
+    )
+    for name in candidates:
+        try:
+            if load(family, name) is cls:
+                return name
+        except PluginError:
+            continue
+    return None
+
+
+def registration_hint(plugin: Method | Backend) -> str:
+    """How to register ``plugin``'s class, for error messages."""
+    family = "methods" if isinstance(plugin, Method) else "backends"
+    cls = type(plugin)
+    return (
+        f"register {cls.__module__}:{cls.__qualname__} as an entry point of your distribution "
+        f'(pyproject.toml: [project.entry-points."{GROUP_PREFIX}{family}"] my_name = "{cls.__module__}:'
+        f'{cls.__qualname__}") and reinstall it (pip install -e .)'
+    )
+
+
 def backend_class(name: str) -> type[Backend]:
     """The backend class registered as ``name``."""
     return load("backends", name)

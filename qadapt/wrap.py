@@ -47,9 +47,60 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, QuantAdapterLinear]]
             yield name, module
 
 
+#: Attributes under which torch's wrappers hold the module they wrap (``torch.compile``, FSDP,
+#: activation checkpointing); they are no part of a layer's canonical name.
+WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """``{name in model: canonical name}`` for every module: wrapper segments removed.
+
+    ``_orig_mod.model.layers.0.q_proj`` (a ``torch.compile``d model) and ``module.model...`` (in
+    ``DistributedDataParallel`` / ``DataParallel``) are both ``model.layers.0.q_proj``, so a
+    checkpoint saved from one loads onto the other.
+    """
+    names: dict[str, str] = {}
+    stack: list[tuple[nn.Module, str, str]] = [(model, "", "")]
+    seen: set[int] = set()
+    while stack:
+        module, actual, canonical = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        names[actual] = canonical
+        parallel = isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        for attr, child in reversed(list(module._modules.items())):
+            if child is None:
+                continue
+            skip = attr in WRAPPER_ATTRS or (parallel and attr == "module")
+            child_canonical = canonical if skip else (f"{canonical}.{attr}" if canonical else attr)
+            stack.append((child, f"{actual}.{attr}" if actual else attr, child_canonical))
+    return names
+
+
+def canonical_adapter_layers(model: nn.Module) -> list[tuple[str, QuantAdapterLinear]]:
+    """:func:`adapter_layers` under their canonical names (see :func:`canonical_names`)."""
+    names = canonical_names(model)
+    return [(names[name], layer) for name, layer in adapter_layers(model)]
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """The module that torch wrappers around ``model`` (compile, DDP, FSDP) hold, or ``model``."""
+    while True:
+        parallel = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        attrs = [*WRAPPER_ATTRS, "module"] if parallel else WRAPPER_ATTRS
+        inner = next((model._modules[a] for a in attrs if model._modules.get(a) is not None), None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def shared_state(model: nn.Module) -> dict[str, nn.Module]:
-    """The shared method state per adapter name (only adapters whose method creates one)."""
-    return model.__dict__.setdefault(SHARED_ATTR, {})
+    """The shared method state per adapter name (only adapters whose method creates one).
+
+    Kept on the innermost wrapped module, so a ``torch.compile``d model and the model it wraps share it.
+    """
+    return _innermost(model).__dict__.setdefault(SHARED_ATTR, {})
 
 
 # ------------------------------------------------------------------------------------ backends
