@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qadapt import registry
+from qadapt.config import check_adapter_name
 from qadapt.errors import (
     AdapterStateError,
     ArgumentTypeError,
@@ -26,6 +27,13 @@ from qadapt.errors import (
 from qadapt.protocols import Backend, BaseLayer, Method, QuantizedWeight
 
 UnmergeMode = Literal["exact", "inverse"]
+#: Why merging is refused while adapters are disabled (the layer computes the plain base then).
+DISABLED_MERGE = (
+    "adapters are disabled, so this computes the plain quantized layer and merging would change that; "
+    "enable_adapters() first to merge, or unwrap(model, merge=False) to drop the adapters"
+)
+#: State-dict key (under the layer's prefix) naming the merged adapter, present only while one is merged.
+MERGED_KEY = "qadapt_merged_adapter"
 
 
 @dataclass(frozen=True)
@@ -157,10 +165,7 @@ class QuantAdapterLinear(nn.Module):
         return self._add_checked_adapter(name, method_obj, shared)
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
-            raise ConfigError(
-                f"adapter_name must be a Python identifier that is not an nn.ModuleDict attribute, got {name!r}"
-            )
+        check_adapter_name(name)
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists on this layer; delete_adapter() it first")
 
@@ -287,7 +292,7 @@ class QuantAdapterLinear(nn.Module):
         With ``keep_snapshot`` the old storage is kept for a bit-identical ``unmerge("exact")``.
 
         Raises:
-            AdapterStateError: an adapter is already merged.
+            AdapterStateError: an adapter is already merged, or adapters are disabled.
             UnsafeMergeError: ``safe`` and the merged weight has NaN/Inf; nothing was written.
         """
         name = self._require_adapter(adapter_name)
@@ -295,6 +300,8 @@ class QuantAdapterLinear(nn.Module):
             raise AdapterStateError(
                 f"adapter {self._merged.adapter!r} is already merged into this layer; unmerge() first"
             )
+        if not self.adapters_enabled:
+            raise AdapterStateError(DISABLED_MERGE)
         self._check_can_merge()
         if keep_snapshot and not self.backend.capabilities.snapshot:
             raise CapabilityError(
@@ -344,6 +351,47 @@ class QuantAdapterLinear(nn.Module):
             self.backend.set_storage(self.base, self.backend.requantize(restored, like=storage))
         self._merged = None
 
+    # ----------------------------------------------------------- state dicts
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # The merged state travels with the weights: a merged base loaded into an unmerged layer
+        # would otherwise get its adapter applied a second time. A uint8 tensor (the adapter
+        # name in UTF-8) keeps the state dict savable with safetensors; absent when nothing is merged.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._merged is not None:
+            destination[prefix + MERGED_KEY] = torch.tensor(
+                list(self._merged.adapter.encode("utf-8")), dtype=torch.uint8
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + MERGED_KEY
+        covers = any(k.startswith(prefix + "base.") for k in state_dict)
+        incoming = _merged_name(state_dict[key], key) if key in state_dict else None
+        if incoming is not None and incoming not in self.adapters:
+            raise AdapterStateError(
+                f"{key}: the state dict was saved with adapter {incoming!r} merged, and this layer has no adapter "
+                f"of that name (adapters: {', '.join(self.adapters)}); add it before loading"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if covers and incoming != self.merged_adapter:
+            # The base weight about to be loaded is merged with ``incoming`` (or with nothing):
+            # that is this layer's state from now on. A loaded merge has no snapshot, so it
+            # comes out with unmerge("inverse").
+            self._merged = None if incoming is None else _MergedState(incoming, None)
+
     # --------------------------------------------------------------- reporting
 
     def extra_repr(self) -> str:
@@ -353,6 +401,15 @@ class QuantAdapterLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"backend={self.backend.describe()}, adapters={{{methods}}}, active={self.active_adapter!r}{state}"
         )
+
+
+def _merged_name(value: Any, key: str) -> str:
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        try:
+            return bytes(value.tolist()).decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise AdapterStateError(f"{key} must hold an adapter name as UTF-8 bytes (a uint8 tensor)")
 
 
 def _check_not_empty(in_features: int, out_features: int) -> None:

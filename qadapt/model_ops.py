@@ -19,7 +19,7 @@ from torch import nn
 from qadapt import registry
 from qadapt.config import check_adapter_name, validate_plugin_options
 from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, TargetError
-from qadapt.layer import MergeResult, QuantAdapterLinear, UnmergeMode
+from qadapt.layer import DISABLED_MERGE, MergeResult, QuantAdapterLinear, UnmergeMode
 from qadapt.protocols import Method, QuantizedWeight
 from qadapt.targeting import Targets, name_filter
 from qadapt.wrap import adapter_layers, progress, shared_state
@@ -93,9 +93,16 @@ class MergeReport:
         return text
 
 
+def _refuse_disabled(layers: list[tuple[str, QuantAdapterLinear]]) -> None:
+    disabled = [name for name, layer in layers if not layer.adapters_enabled]
+    if disabled:
+        raise AdapterStateError(f"cannot merge into {disabled[0]} (and {len(disabled) - 1} more): {DISABLED_MERGE}")
+
+
 def _merge_plan(model: nn.Module, adapter_name: str | None) -> tuple[list, dict[str, str]]:
     layers = wrapped_layers(model)
     _refuse_merged(layers, "merge")
+    _refuse_disabled(layers)
     plan, skipped = [], {}
     for name, layer in layers:
         adapter = adapter_name or layer.active_adapter
@@ -122,7 +129,8 @@ def merge(
     cannot requantize keep their adapter unmerged; the report lists them, with the reason.
 
     Raises:
-        AdapterStateError: an adapter is already merged somewhere (nothing was changed).
+        AdapterStateError: an adapter is already merged somewhere, or adapters are disabled
+            (nothing was changed).
         UnsafeMergeError / other: a layer failed; the layers merged before it were put back.
     """
     plan, skipped = _merge_plan(model, adapter_name)
@@ -183,6 +191,10 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     ``merge=True`` merges each layer's active adapter first (layers already merged stay so), so the
     result computes what the adapted model did. ``merge=False`` unmerges merged layers exactly and
     drops the adapters: the plain quantized model. No qadapt module is left either way.
+
+    Raises:
+        AdapterStateError: ``merge=True`` while adapters are disabled (the model computes the plain
+            base, which a merge would change); enable them first, or use ``merge=False``.
     """
     layers = wrapped_layers(model)
     if merge:
@@ -193,6 +205,7 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
                 "requantize; use unwrap(model, merge=False) to drop the adapters instead"
             )
         pending = [(n, layer) for n, layer in layers if not layer.merged and layer.active_adapter is not None]
+        _refuse_disabled(pending)
         _merge_layers(pending)
     else:
         merged = [layer for _, layer in layers if layer.merged]
