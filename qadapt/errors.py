@@ -55,7 +55,7 @@ class UnknownPluginError(PluginError, LookupError):
         self.family = family
         self.name = name
         self.installed = sorted(installed)
-        message = f"unknown {family} plugin {name!r}; installed: {', '.join(self.installed) or '(none)'}"
+        message = f"unknown {family} plugin {shorten(name)}; installed: {', '.join(self.installed) or '(none)'}"
         close = closest(name, self.installed)
         if close:
             message += f". Did you mean {close!r}?"

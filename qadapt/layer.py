@@ -23,6 +23,7 @@ from qadapt.errors import (
     InputError,
     TargetError,
     UnsafeMergeError,
+    shorten,
 )
 from qadapt.protocols import Backend, BaseLayer, Method, QuantizedWeight
 
@@ -219,7 +220,7 @@ class QuantAdapterLinear(nn.Module):
                 raise AdapterStateError("this layer has no adapter")
             return self.active_adapter
         if name not in self.adapters:
-            raise ConfigError(f"no adapter named {name!r} on this layer; adapters: {', '.join(self.adapters)}")
+            raise ConfigError(f"no adapter named {shorten(name)} on this layer; adapters: {', '.join(self.adapters)}")
         return name
 
     @property
@@ -331,7 +332,7 @@ class QuantAdapterLinear(nn.Module):
             AdapterStateError: nothing is merged, or ``"exact"`` without a snapshot.
         """
         if mode not in ("exact", "inverse"):
-            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
+            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {shorten(mode)}")
         if self._merged is None:
             raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
         state = self._merged

@@ -18,7 +18,7 @@ from torch import nn
 
 from qadapt import registry
 from qadapt.config import check_adapter_name, validate_plugin_options
-from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, TargetError
+from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, TargetError, shorten
 from qadapt.layer import DISABLED_MERGE, MergeResult, QuantAdapterLinear, UnmergeMode
 from qadapt.protocols import Method, QuantizedWeight
 from qadapt.targeting import Targets, name_filter
@@ -47,7 +47,9 @@ def _require_adapter(model: nn.Module, name: str) -> list[tuple[str, QuantAdapte
     """The layers that carry adapter ``name``; raises (listing the adapters there are) when none do."""
     layers = [(n, layer) for n, layer in wrapped_layers(model) if name in layer.adapters]
     if not layers:
-        raise ConfigError(f"no adapter named {name!r} on this model; adapters: {', '.join(list_adapters(model))}")
+        raise ConfigError(
+            f"no adapter named {shorten(name)} on this model; adapters: {', '.join(list_adapters(model))}"
+        )
     return layers
 
 
@@ -166,7 +168,7 @@ def unmerge(model: nn.Module, mode: UnmergeMode = "exact") -> None:
     If a layer fails, the layers unmerged before it are merged again, so the model keeps its state.
     """
     if mode not in ("exact", "inverse"):
-        raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
+        raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {shorten(mode)}")
     merged = [(name, layer) for name, layer in wrapped_layers(model) if layer.merged]
     if not merged:
         raise AdapterStateError("no adapter is merged into this model; there is nothing to unmerge")
@@ -266,7 +268,7 @@ def add_adapter(
     keep = name_filter(targets, exclude)
     chosen = [(name, layer) for name, layer in layers if keep(name)]
     if not chosen:
-        raise TargetError(f"no wrapped layer matched targets {targets!r}; wrapped layers: {layers[0][0]}, ...")
+        raise TargetError(f"no wrapped layer matched targets {shorten(targets)}; wrapped layers: {layers[0][0]}, ...")
     method_obj = _method_instance(method, method_options)
     problems = []
     for name, layer in chosen:

@@ -16,7 +16,14 @@ from typing import Literal
 from stevedore import DriverManager, ExtensionManager
 from stevedore.extension import Extension
 
-from qadapt.errors import ArgumentTypeError, DuplicatePluginError, PluginError, PluginLoadError, UnknownPluginError
+from qadapt.errors import (
+    ArgumentTypeError,
+    DuplicatePluginError,
+    PluginError,
+    PluginLoadError,
+    UnknownPluginError,
+    shorten,
+)
 from qadapt.protocols import API_VERSION, BASE_CLASSES, REQUIRED_MEMBERS, Backend, Method
 
 Family = Literal["backends", "methods"]
@@ -61,7 +68,7 @@ def refresh() -> None:
 
 def _check_family(family: str) -> Family:
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {shorten(family)}")
     return family  # type: ignore[return-value]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qadapt.errors import ConfigError, TargetError
+from qadapt.errors import ConfigError, TargetError, clip, shorten
 
 ALL_LINEAR = "all-linear"
 REGEX_PREFIX = "re:"
@@ -59,12 +59,12 @@ def _compile(pattern: TargetPattern, field: str) -> _Matcher:
     if isinstance(pattern, re.Pattern):
         return _Matcher(pattern.pattern, pattern)
     if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{field} entries must be non-empty strings or regexes, got {pattern!r}")
+        raise ConfigError(f"{field} entries must be non-empty strings or regexes, got {shorten(pattern)}")
     if pattern.startswith(REGEX_PREFIX):
         try:
             return _Matcher(pattern, re.compile(pattern[len(REGEX_PREFIX) :]))
         except re.error as exc:
-            raise ConfigError(f"{field}: invalid regular expression {pattern!r}: {exc}") from exc
+            raise ConfigError(f"{field}: invalid regular expression {shorten(pattern)}: {exc}") from exc
     return _Matcher(pattern, None)
 
 
@@ -140,7 +140,7 @@ def _no_match_message(model: nn.Module, patterns: Iterable[TargetPattern], is_li
         for candidate in difflib.get_close_matches(tail, leaves, n=3, cutoff=0.4):
             if candidate not in close:
                 close.append(candidate)
-    message = f"no module matched targets {shown}"
+    message = f"no module matched targets {clip(str(shown), 200)}"
     if close:
         message += f"; closest module names: {', '.join(close)}"
     if linear_names:
