@@ -928,11 +928,11 @@ CATALOGUE += [
     ),
     # ---- numeric options that validate but cannot work
     Bad(
-        "oft-eps-nan",
+        "oft-eps-infinite",
         llama,
-        lambda m, _: qadapt.wrap(m, method="oft", method_options={"coft": True, "eps": float("nan")}),
+        lambda m, _: qadapt.wrap(m, method="oft", method_options={"coft": True, "eps": float("inf")}),
         ConfigValidationError,
-        (r"method\.options\.eps", "finite number", "nan"),
+        (r"method\.options\.eps", "finite number", "inf"),
     ),
     Bad(
         "oft-neumann-terms-unbounded",
