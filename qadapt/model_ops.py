@@ -21,7 +21,7 @@ from qadapt.config import check_adapter_name, validate_plugin_options
 from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, TargetError, shorten
 from qadapt.layer import DISABLED_MERGE, MergeResult, QuantAdapterLinear, UnmergeMode
 from qadapt.protocols import Method, QuantizedWeight
-from qadapt.targeting import Targets, name_filter
+from qadapt.targeting import Targets, canonical_names, name_filter
 from qadapt.wrap import adapter_layers, progress, shared_state
 
 # ------------------------------------------------------------------------------------- helpers
@@ -266,7 +266,8 @@ def add_adapter(
     if adapter_name in list_adapters(model):
         raise ConfigError(f"adapter {adapter_name!r} already exists on this model; delete_adapter() it first")
     keep = name_filter(targets, exclude)
-    chosen = [(name, layer) for name, layer in layers if keep(name)]
+    canonical = canonical_names(model)
+    chosen = [(name, layer) for name, layer in layers if keep(name, canonical[name])]
     if not chosen:
         raise TargetError(f"no wrapped layer matched targets {shorten(targets)}; wrapped layers: {layers[0][0]}, ...")
     method_obj = _method_instance(method, method_options)

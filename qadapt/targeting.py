@@ -68,6 +68,37 @@ def _compile(pattern: TargetPattern, field: str) -> _Matcher:
     return _Matcher(pattern, None)
 
 
+#: Attributes under which torch's wrappers hold the module they wrap (``torch.compile``, FSDP,
+#: activation checkpointing); they are no part of a layer's canonical name.
+WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """``{name in model: canonical name}`` for every module: wrapper segments removed.
+
+    ``_orig_mod.model.layers.0.q_proj`` (a ``torch.compile``d model) and ``module.model...`` (in
+    ``DistributedDataParallel`` / ``DataParallel``) are both ``model.layers.0.q_proj``, so a
+    checkpoint saved from one loads onto the other.
+    """
+    names: dict[str, str] = {}
+    stack: list[tuple[nn.Module, str, str]] = [(model, "", "")]
+    seen: set[int] = set()
+    while stack:
+        module, actual, canonical = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        names[actual] = canonical
+        parallel = isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        for attr, child in reversed(list(module._modules.items())):
+            if child is None:
+                continue
+            skip = attr in WRAPPER_ATTRS or (parallel and attr == "module")
+            child_canonical = canonical if skip else (f"{canonical}.{attr}" if canonical else attr)
+            stack.append((child, f"{actual}.{attr}" if actual else attr, child_canonical))
+    return names
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Fully-qualified names of the model's output head(s), left out by ``"all-linear"``."""
     heads: set[str] = set()
@@ -88,6 +119,9 @@ def select_targets(
 ) -> list[tuple[str, nn.Module]]:
     """The ``(fully-qualified name, module)`` pairs to wrap, in model order.
 
+    Patterns match a module's name in ``model`` or its canonical name (see :func:`canonical_names`),
+    so ``model.layers.0.q_proj`` also names that layer in a ``torch.compile``d model.
+
     ``is_linear`` says whether a module can take an adapter; ``is_wrapped`` marks modules that
     already are adapter layers (their inner modules are never targets).
 
@@ -106,15 +140,18 @@ def select_targets(
     chosen: list[tuple[str, nn.Module]] = []
     problems: list[str] = []
     wrapped_prefixes: list[str] = []
+    canonical = canonical_names(model)
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in wrapped_prefixes):
             continue
         wrapped = is_wrapped(module)
         if wrapped:
             wrapped_prefixes.append(name + ".")
-        if not name or any(m.matches(name) for m in excluders):
+        # A pattern may name the module as it is (``_orig_mod.model.x``) or canonically (``model.x``).
+        names = {name, canonical[name]}
+        if not name or any(m.matches(n) for m in excluders for n in names):
             continue
-        named = any(m.matches(name) for m in matchers)
+        named = any(m.matches(n) for m in matchers for n in names)
         if not named and not (all_linear and name not in heads and not wrapped and is_linear(module)):
             continue
         if wrapped:
@@ -158,9 +195,10 @@ def name_filter(targets: Targets | None, exclude: Targets | None) -> Callable[[s
     matchers = [_compile(p, "targets") for p in patterns if p != ALL_LINEAR]
     excluders = [_compile(p, "exclude") for p in as_pattern_list(exclude, "exclude")]
 
-    def keep(name: str) -> bool:
-        if any(m.matches(name) for m in excluders):
+    def keep(*names: str) -> bool:
+        """True when any of ``names`` (a module's name, its canonical name) is matched and none excluded."""
+        if any(m.matches(name) for m in excluders for name in names):
             return False
-        return everything or any(m.matches(name) for m in matchers)
+        return everything or any(m.matches(name) for m in matchers for name in names)
 
     return keep

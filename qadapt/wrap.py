@@ -22,7 +22,14 @@ from qadapt.errors import ArgumentTypeError, ConfigError, PluginError, TargetErr
 from qadapt.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, Method
 from qadapt.reference import FloatBackend
-from qadapt.targeting import REGEX_PREFIX, Targets, as_pattern_list, select_targets
+from qadapt.targeting import (
+    REGEX_PREFIX,
+    WRAPPER_ATTRS,
+    Targets,
+    as_pattern_list,
+    canonical_names,
+    select_targets,
+)
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | QAdaptConfig
@@ -45,37 +52,6 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, QuantAdapterLinear]]
     for name, module in model.named_modules():
         if isinstance(module, QuantAdapterLinear):
             yield name, module
-
-
-#: Attributes under which torch's wrappers hold the module they wrap (``torch.compile``, FSDP,
-#: activation checkpointing); they are no part of a layer's canonical name.
-WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-
-
-def canonical_names(model: nn.Module) -> dict[str, str]:
-    """``{name in model: canonical name}`` for every module: wrapper segments removed.
-
-    ``_orig_mod.model.layers.0.q_proj`` (a ``torch.compile``d model) and ``module.model...`` (in
-    ``DistributedDataParallel`` / ``DataParallel``) are both ``model.layers.0.q_proj``, so a
-    checkpoint saved from one loads onto the other.
-    """
-    names: dict[str, str] = {}
-    stack: list[tuple[nn.Module, str, str]] = [(model, "", "")]
-    seen: set[int] = set()
-    while stack:
-        module, actual, canonical = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        names[actual] = canonical
-        parallel = isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
-        for attr, child in reversed(list(module._modules.items())):
-            if child is None:
-                continue
-            skip = attr in WRAPPER_ATTRS or (parallel and attr == "module")
-            child_canonical = canonical if skip else (f"{canonical}.{attr}" if canonical else attr)
-            stack.append((child, f"{actual}.{attr}" if actual else attr, child_canonical))
-    return names
 
 
 def canonical_adapter_layers(model: nn.Module) -> list[tuple[str, QuantAdapterLinear]]:
@@ -323,7 +299,8 @@ def resolve_wrap_config(
         raise ConfigError("backend_options given with a Backend instance; put the options in the instance")
     instances = {key: obj for key, obj in (("method", method), ("backend", backend)) if not isinstance(obj, str)}
     for key, obj in instances.items():
-        raw[key] = {"name": obj.name or type(obj).__name__, "options": obj.options.model_dump(mode="json")}
+        name = registry.registered_name(obj) or type(obj).__name__
+        raw[key] = {"name": name, "options": obj.options.model_dump(mode="json")}
     cfg = validate_config(raw, prevalidated=tuple(instances))
     method_obj = method if isinstance(method, Method) else registry.method_class(method)(cfg.method.options)
     backend_arg = backend

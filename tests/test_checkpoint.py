@@ -16,6 +16,7 @@ import qadapt
 import qadapt.checkpoint as checkpoint
 from qadapt.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from qadapt.errors import CheckpointError
+from qadapt.wrap import adapter_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -233,3 +234,15 @@ def test_names_are_canonical_for_a_compiled_model_both_ways(tmp_path: Path, meth
     into_compiled = torch.compile(tiny_llama())
     qadapt.load_peft_adapter(into_compiled, tmp_path / "peft", backend="none")
     assert adapter_values(into_compiled._orig_mod).keys() == adapter_values(model).keys()
+
+
+def test_targets_name_layers_canonically_in_a_compiled_model():
+    """Full names and anchored regexes written for the plain model select the same layers in a compiled one."""
+    names = ["model.layers.0.self_attn.q_proj", r"re:model\.layers\.1\.mlp\..*_proj"]
+    plain = qadapt.wrap(tiny_llama(), method="oft", method_options={"block_size": 16}, targets=names)
+    compiled = qadapt.wrap(torch.compile(tiny_llama()), method="oft", method_options={"block_size": 16}, targets=names)
+    expected = [n for n, _ in adapter_layers(plain)]
+    assert len(expected) == 4
+    assert [n for n, _ in adapter_layers(compiled)] == ["_orig_mod." + n for n in expected]
+    qadapt.add_adapter(compiled, "second", "oft", method_options={"block_size": 16}, targets=names[:1])
+    assert [n for n, m in adapter_layers(compiled) if "second" in m.adapters] == ["_orig_mod." + expected[0]]
