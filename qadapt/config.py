@@ -97,6 +97,10 @@ class ConfigIssue:
     message: str
 
 
+#: Issues a ConfigValidationError message shows (all are in ``.issues``).
+MAX_SHOWN = 20
+
+
 class ConfigValidationError(ConfigError):
     """A config failed validation; ``issues`` lists every problem, ``source`` the file (or None)."""
 
@@ -106,7 +110,9 @@ class ConfigValidationError(ConfigError):
         where = f"{source}: " if source else ""
         count = f"{len(issues)} error" + ("s" if len(issues) != 1 else "")
         lines = [f"invalid qadapt config ({count}):"]
-        lines += [f"  {where}{issue.location or '(top level)'}: {issue.message}" for issue in issues]
+        lines += [f"  {where}{issue.location or '(top level)'}: {issue.message}" for issue in issues[:MAX_SHOWN]]
+        if len(issues) > MAX_SHOWN:
+            lines.append(f"  ... and {len(issues) - MAX_SHOWN} more (see .issues)")
         super().__init__("\n".join(lines))
 
 

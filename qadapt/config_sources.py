@@ -120,8 +120,8 @@ def _read_yaml(text: str, source: str) -> Any:
             return None
         if _expanded_size(node, {}) > MAX_NODES:
             raise ConfigError(
-                f"{source}: its aliases expand to more than {MAX_NODES} values (line {node.start_mark.line + 1}); "
-                "this is not a qadapt config"
+                f"{source}: its aliases expand to more than {MAX_NODES} values, or refer to themselves "
+                f"(line {node.start_mark.line + 1}); this is not a qadapt config"
             )
         return loader.construct_document(node)
     except yaml.YAMLError as exc:

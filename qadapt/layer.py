@@ -160,6 +160,11 @@ class QuantAdapterLinear(nn.Module):
     ) -> nn.Module:
         """Create adapter ``name`` with ``method`` and make it active. Returns the adapter module."""
         self._check_new_name(name)
+        if self._merged is not None:
+            # A new adapter would be initialised from (and later merged onto) the merged weight.
+            raise AdapterStateError(
+                f"cannot add adapter {name!r} while adapter {self._merged.adapter!r} is merged; unmerge() first"
+            )
         method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
         check_compatible(method_obj, self.backend)
         method_obj.check_layer(self.in_features, self.out_features)

@@ -839,7 +839,22 @@ CATALOGUE += [
         AdapterStateError,
         ("adapters are disabled",),
     ),
+    Bad(
+        "layer-add-adapter-while-merged",
+        merged_layer,
+        lambda m, _: m.add_adapter("second", "oft", method_options=OFT16),
+        AdapterStateError,
+        ("cannot add adapter 'second' while adapter 'default' is merged", r"unmerge\(\) first"),
+    ),
     # ---- config files: bounded readers, located errors
+    Bad(
+        "config-with-a-thousand-unknown-keys",
+        llama,
+        wrap_config("many.json"),
+        ConfigValidationError,
+        (r"1000 errors", r"\.\.\. and 980 more \(see \.issues\)"),
+        disk=on_disk("many.json", json.dumps({"method": "oft", **{f"key{i}": i for i in range(1000)}})),
+    ),
     Bad(
         "config-yaml-alias-bomb",
         llama,
