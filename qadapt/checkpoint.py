@@ -226,7 +226,8 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         )
     method: Method = carriers[0][1].methods[adapter_name]
     method_name = plugin_name(method)
-    backend_names = {id(layer.backend): plugin_name(layer.backend) for _, layer in carriers}
+    unique = {id(layer.backend): layer.backend for _, layer in carriers}
+    backend_names = {key: plugin_name(backend) for key, backend in unique.items()}
     backends = {
         (backend_names[id(layer.backend)], json.dumps(layer.backend.options.model_dump(mode="json")))
         for _, layer in carriers

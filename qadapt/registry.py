@@ -57,11 +57,14 @@ class _EntryPoint:
 
 
 _loaded: dict[tuple[Family, str], type] = {}
+#: Registered name (or None) per plugin class, found by :func:`registered_name`.
+_names: dict[type, str | None] = {}
 
 
 def refresh() -> None:
     """Forget loaded plugins and cached entry points (after installing a plugin, or changing ``sys.path``)."""
     _loaded.clear()
+    _names.clear()
     for family in FAMILIES:
         ExtensionManager.ENTRY_POINT_CACHE.pop(GROUP_PREFIX + family, None)
 
@@ -173,21 +176,28 @@ def registered_name(plugin: Method | Backend) -> str | None:
     """
     family: Family = "methods" if isinstance(plugin, Method) else "backends"
     cls = type(plugin)
-    own = cls.__dict__.get("name")
-    candidates = [own] if isinstance(own, str) and own else []
+    if cls not in _names:
+        _names[cls] = _find_name(family, cls)
+    return _names[cls]
+
+
+def _find_name(family: Family, cls: type) -> str | None:
+    own = cls.__dict__.get("name")  # set by load(), on the class itself (a subclass does not have it)
+    if isinstance(own, str) and own and _is_registered_as(family, own, cls):
+        return own
     package = cls.__module__.split(".")[0]
-    candidates += sorted(
-        name
-        for name, entries in _entry_points(family).items()
-        if len(entries) == 1 and entries[0].value.split(":")[0].split(".")[0] == package
-    )
-    for name in candidates:
-        try:
-            if load(family, name) is cls:
+    for name, entries in sorted(_entry_points(family).items()):
+        if len(entries) == 1 and entries[0].value.split(":")[0].split(".")[0] == package:
+            if _is_registered_as(family, name, cls):
                 return name
-        except PluginError:
-            continue
     return None
+
+
+def _is_registered_as(family: Family, name: str, cls: type) -> bool:
+    try:
+        return load(family, name) is cls
+    except PluginError:
+        return False
 
 
 def registration_hint(plugin: Method | Backend) -> str:
