@@ -246,3 +246,12 @@ def test_targets_name_layers_canonically_in_a_compiled_model():
     assert [n for n, _ in adapter_layers(compiled)] == ["_orig_mod." + n for n in expected]
     qadapt.add_adapter(compiled, "second", "oft", method_options={"block_size": 16}, targets=names[:1])
     assert [n for n, m in adapter_layers(compiled) if "second" in m.adapters] == ["_orig_mod." + expected[0]]
+
+
+def test_names_are_canonical_inside_data_parallel(tmp_path: Path):
+    """DataParallel's ``module.`` prefix is no part of saved names either (same wrapper rule as DDP)."""
+    model = trained("randlora", {"r": 8, "save_projection": True})
+    qadapt.save_adapter(torch.nn.DataParallel(model), tmp_path)
+    keys = stored_keys(tmp_path)
+    assert not any(k.startswith("module.") for k in keys) and any(k.startswith("__shared__.") for k in keys)
+    assert model_checksum(qadapt.load_adapter(tiny_llama(), tmp_path)) == model_checksum(model)
