@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qadapt import registry
+from qadapt.config import check_adapter_name
 from qadapt.errors import (
     AdapterStateError,
     ArgumentTypeError,
@@ -22,6 +23,7 @@ from qadapt.errors import (
     ConfigError,
     InputError,
     TargetError,
+    shorten,
 )
 from qadapt.merging import MergeResult, RequantizeMode, check_finite, merge_storage
 from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, QuantizedWeight
@@ -29,14 +31,22 @@ from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, Quant
 __all__ = ["MergeResult", "QuantAdapterLinear", "UnmergeMode", "check_compatible"]
 
 UnmergeMode = Literal["exact", "inverse"]
+#: Why merging is refused while adapters are disabled (the layer computes the plain base then).
+DISABLED_MERGE = (
+    "adapters are disabled, so this computes the plain quantized layer and merging would change that; "
+    "enable_adapters() first to merge, or unwrap(model, merge=False) to drop the adapters"
+)
+#: State-dict key (under the layer's prefix) naming the merged adapter, present only while one is merged.
+MERGED_KEY = "qadapt_merged_adapter"
 
 
 @dataclass
 class _MergedState:
     adapter: str
     snapshot: QuantizedWeight | None
-    #: digest of the adapter's tensors at merge: an inverse unmerge refuses a changed adapter.
-    digest: str
+    #: digest of the adapter's tensors at merge: an inverse unmerge refuses a changed adapter
+    #: (None for a merge loaded from a state dict, whose adapter tensors arrive later).
+    digest: str | None
     #: requires_grad of each adapter parameter before the merge froze them.
     grad_flags: dict[str, bool]
 
@@ -150,16 +160,18 @@ class QuantAdapterLinear(nn.Module):
     ) -> nn.Module:
         """Create adapter ``name`` with ``method`` and make it active. Returns the adapter module."""
         self._check_new_name(name)
+        if self._merged is not None:
+            # A new adapter would be initialised from (and later merged onto) the merged weight.
+            raise AdapterStateError(
+                f"cannot add adapter {name!r} while adapter {self._merged.adapter!r} is merged; unmerge() first"
+            )
         method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
         check_compatible(method_obj, self.backend)
         method_obj.check_layer(self.in_features, self.out_features)
         return self._add_checked_adapter(name, method_obj, shared)
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
-            raise ConfigError(
-                f"adapter_name must be a Python identifier that is not an nn.ModuleDict attribute, got {name!r}"
-            )
+        check_adapter_name(name)
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists on this layer; delete_adapter() it first")
 
@@ -213,7 +225,7 @@ class QuantAdapterLinear(nn.Module):
                 raise AdapterStateError("this layer has no adapter")
             return self.active_adapter
         if name not in self.adapters:
-            raise ConfigError(f"no adapter named {name!r} on this layer; adapters: {', '.join(self.adapters)}")
+            raise ConfigError(f"no adapter named {shorten(name)} on this layer; adapters: {', '.join(self.adapters)}")
         return name
 
     @property
@@ -299,7 +311,7 @@ class QuantAdapterLinear(nn.Module):
         parameters are frozen (``requires_grad=False``); unmerge gives their flags back.
 
         Raises:
-            AdapterStateError: an adapter is already merged.
+            AdapterStateError: an adapter is already merged, or adapters are disabled.
             UnsafeMergeError: ``safe`` and the merged weight has NaN/Inf; nothing was written.
         """
         name = self._require_adapter(adapter_name)
@@ -307,6 +319,8 @@ class QuantAdapterLinear(nn.Module):
             raise AdapterStateError(
                 f"adapter {self._merged.adapter!r} is already merged into this layer; unmerge() first"
             )
+        if not self.adapters_enabled:
+            raise AdapterStateError(DISABLED_MERGE)
         self._check_can_merge()
         if keep_snapshot and not self.backend.capabilities.snapshot:
             raise CapabilityError(
@@ -347,7 +361,7 @@ class QuantAdapterLinear(nn.Module):
                 after the adapter's tensors changed since the merge.
         """
         if mode not in ("exact", "inverse"):
-            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
+            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {shorten(mode)}")
         if self._merged is None:
             raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
         state = self._merged
@@ -360,7 +374,7 @@ class QuantAdapterLinear(nn.Module):
             self.backend.restore(self.base, state.snapshot)
         else:
             self._check_can_merge()
-            if adapter_digest(adapter) != state.digest:
+            if state.digest is not None and adapter_digest(adapter) != state.digest:
                 raise AdapterStateError(
                     f"adapter {state.adapter!r} changed since it was merged, so an inverse unmerge would not give "
                     "the base weight back; restore the adapter or unmerge(mode='exact')"
@@ -371,9 +385,64 @@ class QuantAdapterLinear(nn.Module):
             if safe:
                 check_finite(restored, f"unmerging adapter {state.adapter!r}")
             self.backend.set_storage(self.base, self.backend.requantize(restored, like=storage))
-        for key, param in adapter.named_parameters():
-            param.requires_grad_(state.grad_flags.get(key, param.requires_grad))
+        self._thaw(state)
         self._merged = None
+
+    # ----------------------------------------------------------- state dicts
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # The merged state travels with the weights: a merged base loaded into an unmerged layer
+        # would otherwise get its adapter applied a second time. A uint8 tensor (the adapter
+        # name in UTF-8) keeps the state dict savable with safetensors; absent when nothing is merged.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._merged is not None:
+            destination[prefix + MERGED_KEY] = torch.tensor(
+                list(self._merged.adapter.encode("utf-8")), dtype=torch.uint8
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + MERGED_KEY
+        covers = any(k.startswith(prefix + "base.") for k in state_dict)
+        incoming = _merged_name(state_dict[key], key) if key in state_dict else None
+        if incoming is not None and incoming not in self.adapters:
+            raise AdapterStateError(
+                f"{key}: the state dict was saved with adapter {incoming!r} merged, and this layer has no adapter "
+                f"of that name (adapters: {', '.join(self.adapters)}); add it before loading"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if covers and incoming != self.merged_adapter:
+            # The base weight about to be loaded is merged with ``incoming`` (or with nothing):
+            # that is this layer's state from now on. A loaded merge has no snapshot, so it
+            # comes out with unmerge("inverse").
+            self._set_loaded_merge(incoming)
+
+    def _set_loaded_merge(self, incoming: str | None) -> None:
+        if self._merged is not None:
+            self._thaw(self._merged)
+        self._merged = None
+        if incoming is not None:
+            adapter = self.adapters[incoming]
+            grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
+            # The adapter's tensors load after this hook, so no digest can be taken of them here.
+            self._merged = _MergedState(incoming, None, None, grad_flags)
+            adapter.requires_grad_(False)
+
+    def _thaw(self, state: _MergedState) -> None:
+        for key, param in self.adapters[state.adapter].named_parameters():
+            param.requires_grad_(state.grad_flags.get(key, param.requires_grad))
 
     # --------------------------------------------------------------- reporting
 
@@ -384,6 +453,15 @@ class QuantAdapterLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"backend={self.backend.describe()}, adapters={{{methods}}}, active={self.active_adapter!r}{state}"
         )
+
+
+def _merged_name(value: Any, key: str) -> str:
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        try:
+            return bytes(value.tolist()).decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise AdapterStateError(f"{key} must hold an adapter name as UTF-8 bytes (a uint8 tensor)")
 
 
 def _check_not_empty(in_features: int, out_features: int) -> None:

@@ -30,8 +30,8 @@ from qadapt.calibration import (
     split_batches,
     squared_distance,
 )
-from qadapt.errors import AdapterStateError, ArgumentTypeError, CapabilityError, ConfigError
-from qadapt.layer import QuantAdapterLinear, UnmergeMode
+from qadapt.errors import AdapterStateError, ArgumentTypeError, CapabilityError, ConfigError, shorten
+from qadapt.layer import DISABLED_MERGE, QuantAdapterLinear, UnmergeMode
 from qadapt.merging import (
     MergeResult,
     RequantizeMode,
@@ -211,10 +211,7 @@ def merge(
     plan, skipped = _merge_plan(model, adapter_name)
     disabled = [name for name, layer, _ in plan if not layer.adapters_enabled]
     if disabled:
-        raise AdapterStateError(
-            f"adapters are disabled on {len(disabled)} layer(s) (first: {disabled[0]}), so the model does not "
-            "compute with them; qadapt.enable_adapters(model) before merging"
-        )
+        raise AdapterStateError(f"cannot merge into {disabled[0]} (and {len(disabled) - 1} more): {DISABLED_MERGE}")
     if keep_snapshot:
         cannot = [n for n, layer, _ in plan if not layer.backend.capabilities.snapshot]
         if cannot:
@@ -255,9 +252,9 @@ def _warn_low(report: MergeReport, warn_below: float | None) -> None:
         warnings.warn(
             f"{len(low)} of {len(report.layers)} merged layer(s) keep less than {warn_below:.0%} of their adapter's "
             f"effect (lowest: {name}, {kept:.1%}); see the MergeReport. A calibrated merge "
-            "(merge(model, calibration=batches)), the 'scales' method, or a float target (unwrap(model, "
+            "(merge(model, calibration=batches)), a method that trains group scales, or a float target (unwrap(model, "
             "merge='float')) keeps more",
-            stacklevel=3,
+            stacklevel=4,  # past merge() and torch.no_grad's wrapper
         )
 
 
@@ -311,7 +308,7 @@ def _merge_runs(
             f"{len(few)} layer(s) had fewer than {MIN_ROWS_PER_FEATURE} x in_features calibration rows, where a "
             f"calibrated requantize was measured to hurt; they kept their scales instead (first: {few[0]}). "
             "Give more calibration batches",
-            stacklevel=4,
+            stacklevel=5,
         )
     return results
 
@@ -323,7 +320,7 @@ def unmerge(model: nn.Module, mode: UnmergeMode = "exact") -> None:
     If a layer fails, the layers unmerged before it are merged again, so the model keeps its state.
     """
     if mode not in ("exact", "inverse"):
-        raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
+        raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {shorten(mode)}")
     merged = [(name, layer) for name, layer in wrapped_layers(model) if layer.merged]
     if not merged:
         raise AdapterStateError("no adapter is merged into this model; there is nothing to unmerge")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qadapt.errors import AdapterStateError, ConfigError
+from qadapt.errors import AdapterStateError, ConfigError, shorten
 from qadapt.layer import QuantAdapterLinear
 from qadapt.wrap import adapter_layers
 
@@ -31,7 +31,9 @@ def require_adapter(model: nn.Module, name: str) -> Layers:
     """The layers that carry adapter ``name``; raises (listing the adapters there are) when none do."""
     layers = [(n, layer) for n, layer in wrapped_layers(model) if name in layer.adapters]
     if not layers:
-        raise ConfigError(f"no adapter named {name!r} on this model; adapters: {', '.join(list_adapters(model))}")
+        raise ConfigError(
+            f"no adapter named {shorten(name)} on this model; adapters: {', '.join(list_adapters(model))}"
+        )
     return layers
 
 

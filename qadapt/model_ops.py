@@ -16,11 +16,11 @@ from torch import nn
 
 from qadapt import registry
 from qadapt.config import check_adapter_name, validate_plugin_options
-from qadapt.errors import AdapterStateError, ConfigError, TargetError
+from qadapt.errors import AdapterStateError, ConfigError, TargetError, shorten
 from qadapt.layer import QuantAdapterLinear
 from qadapt.model_layers import list_adapters, refuse_merged, require_adapter, wrapped_layers
 from qadapt.protocols import Method
-from qadapt.targeting import Targets, name_filter
+from qadapt.targeting import Targets, canonical_names, name_filter
 from qadapt.wrap import adapter_layers, shared_state
 
 # -------------------------------------------------------------------------------- named adapters
@@ -56,9 +56,10 @@ def add_adapter(
     if adapter_name in list_adapters(model):
         raise ConfigError(f"adapter {adapter_name!r} already exists on this model; delete_adapter() it first")
     keep = name_filter(targets, exclude)
-    chosen = [(name, layer) for name, layer in layers if keep(name)]
+    canonical = canonical_names(model)
+    chosen = [(name, layer) for name, layer in layers if keep(name, canonical[name])]
     if not chosen:
-        raise TargetError(f"no wrapped layer matched targets {targets!r}; wrapped layers: {layers[0][0]}, ...")
+        raise TargetError(f"no wrapped layer matched targets {shorten(targets)}; wrapped layers: {layers[0][0]}, ...")
     method_obj = _method_instance(method, method_options)
     problems = []
     for name, layer in chosen:

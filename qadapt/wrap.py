@@ -23,7 +23,14 @@ from qadapt.errors import ArgumentTypeError, ConfigError, LayerFitError, PluginE
 from qadapt.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, Method
 from qadapt.reference import FloatBackend
-from qadapt.targeting import REGEX_PREFIX, Targets, as_pattern_list, select_targets
+from qadapt.targeting import (
+    REGEX_PREFIX,
+    WRAPPER_ATTRS,
+    Targets,
+    as_pattern_list,
+    canonical_names,
+    select_targets,
+)
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | QAdaptConfig
@@ -48,9 +55,29 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, QuantAdapterLinear]]
             yield name, module
 
 
+def canonical_adapter_layers(model: nn.Module) -> list[tuple[str, QuantAdapterLinear]]:
+    """:func:`adapter_layers` under their canonical names (see :func:`canonical_names`)."""
+    names = canonical_names(model)
+    return [(names[name], layer) for name, layer in adapter_layers(model)]
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """The module that torch wrappers around ``model`` (compile, DDP, FSDP) hold, or ``model``."""
+    while True:
+        parallel = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        attrs = [*WRAPPER_ATTRS, "module"] if parallel else WRAPPER_ATTRS
+        inner = next((model._modules[a] for a in attrs if model._modules.get(a) is not None), None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def shared_state(model: nn.Module) -> dict[str, nn.Module]:
-    """The shared method state per adapter name (only adapters whose method creates one)."""
-    return model.__dict__.setdefault(SHARED_ATTR, {})
+    """The shared method state per adapter name (only adapters whose method creates one).
+
+    Kept on the innermost wrapped module, so a ``torch.compile``d model and the model it wraps share it.
+    """
+    return _innermost(model).__dict__.setdefault(SHARED_ATTR, {})
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -285,7 +312,8 @@ def resolve_wrap_config(
         raise ConfigError("backend_options given with a Backend instance; put the options in the instance")
     instances = {key: obj for key, obj in (("method", method), ("backend", backend)) if not isinstance(obj, str)}
     for key, obj in instances.items():
-        raw[key] = {"name": obj.name or type(obj).__name__, "options": obj.options.model_dump(mode="json")}
+        name = registry.registered_name(obj) or type(obj).__name__
+        raw[key] = {"name": name, "options": obj.options.model_dump(mode="json")}
     cfg = validate_config(raw, prevalidated=tuple(instances))
     method_obj = method if isinstance(method, Method) else registry.method_class(method)(cfg.method.options)
     backend_arg = backend

@@ -43,6 +43,32 @@ def test_validate_exit_codes_and_located_errors(tmp_path, capsys):
     assert "bad.json" in err and "method.options.block_sise" in err and "block_size" in err and "bnb4" in err
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("deep.json", b'{"method": "oft", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}", "nested more than 32 levels"),
+        ("deep.toml", b'method = "oft"\nx = ' + b"[" * 5000 + b"]" * 5000 + b"\n", "nested more than 32 levels"),
+        ("latin.toml", 'method = "caf\xe9"\n'.encode("latin-1"), "not UTF-8 text at byte 13 (line 1, column 14)"),
+        ("pyproject.toml", b"[tool]\nqadapt = 3\n", "must be a mapping"),
+        ("odd.toml", b"method = 1979-05-27T07:32:00Z\n", "method"),
+        (
+            "bomb.yaml",
+            b"a: &a [x, x]\n"
+            + b"".join(b"%c: &%c [%s]\n" % (98 + i, 98 + i, b", ".join([b"*%c" % (97 + i)] * 2)) for i in range(20)),
+            "aliases expand",
+        ),
+    ],
+    ids=["deep-json", "deep-toml", "not-utf8", "pyproject-odd", "toml-datetime", "yaml-bomb"],
+)
+def test_validate_never_ends_in_a_traceback(tmp_path, capsys, name: str, content: bytes, message: str):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert name in err and message in err and "Traceback" not in err
+    assert len(err) < 2000
+
+
 def test_schema_is_json_schema_covering_plugins():
     result = run_cli("schema")
     assert result.returncode == 0, result.stderr

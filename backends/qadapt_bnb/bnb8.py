@@ -17,7 +17,12 @@ class Bnb8Options(PluginOptions):
     threshold: float = Field(
         0.0,
         ge=0.0,
-        description="Outlier threshold of LLM.int8(): input columns above it run in 16-bit (0 disables).",
+        le=65504.0,
+        allow_inf_nan=False,
+        description=(
+            "Outlier threshold of LLM.int8(): input columns above it run in 16-bit (0 disables); at most 65504, "
+            "the largest float16, beyond which no input column can lie."
+        ),
     )
 
 
