@@ -217,7 +217,7 @@ def merge(
         if cannot:
             raise CapabilityError(f"backend of {cannot[0]} cannot snapshot its storage; merge with keep_snapshot=False")
     if skipped:
-        warnings.warn(f"{len(skipped)} layer(s) left unmerged: {next(iter(skipped.values()))}", stacklevel=2)
+        warnings.warn(f"{len(skipped)} layer(s) left unmerged: {next(iter(skipped.values()))}", stacklevel=3)
     mode: RequantizeMode = requantize or ("keep" if calibration is None else "calibrated")
     if calibration is None:
         results = _merge_runs(model, [plan], mode, safe, keep_snapshot, None, 0)
