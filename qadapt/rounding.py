@@ -247,11 +247,13 @@ def refit_row_aligned(
 @dataclass
 class CalibratedResult:
     """What :func:`calibrated_round` chose: ``codes [out, in]``, ``scales [num_groups]`` (raw, before
-    ``project``), whether anything beat the kept state, and objectives (float, undamped ``H``)."""
+    ``project``), whether anything beat the kept state, whether the scales may differ from the kept
+    ones (False: keep the format's scale state as it is), and objectives (float, undamped ``H``)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     improved: bool
+    scales_changed: bool
     objective: float
     keep_objective: float
 
@@ -320,12 +322,12 @@ def calibrated_round(
         accept = row_change < 0
         best_rows = torch.where(accept, best_rows + row_change, best_rows)
         best_scales.reshape(out, groups)[accept] = new[accept]
-    projected = best_scales if project is None else project(best_scales)
+    projected = best_scales if project is None or not aligned else project(best_scales)
     final_scales = element_scales(layout, projected, shape)
     upper = inverse_cholesky(hd)
     gptq, gptq_rows = gptq_codes(weight, final_scales, codebook, upper)
     gptq_rows = gptq_rows - lam * (weight - levels[gptq] * final_scales).double().square().sum(1)
-    if project is None:
+    if project is None or not aligned:
         accept = gptq_rows < best_rows
         best_codes = torch.where(accept.unsqueeze(1), gptq, codes)
         best_rows = torch.where(accept, gptq_rows, best_rows)
@@ -333,5 +335,5 @@ def calibrated_round(
         best_codes, best_rows = gptq, gptq_rows
     total, keep_total = float(best_rows.sum()), float(keep_rows.sum())
     if total >= keep_total:
-        return CalibratedResult(keep_codes, scales, False, keep_total, keep_total)
-    return CalibratedResult(best_codes, best_scales, True, total, keep_total)
+        return CalibratedResult(keep_codes, scales, False, False, keep_total, keep_total)
+    return CalibratedResult(best_codes, best_scales, True, aligned, total, keep_total)

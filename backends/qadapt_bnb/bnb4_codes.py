@@ -156,7 +156,7 @@ def calibrated(weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationSt
         damp=stats.damp,
         project=project if nested else None,
     )
-    return with_codes(like, result.codes, result.scales if result.improved else None)
+    return with_codes(like, result.codes, result.scales if result.scales_changed else None)
 
 
 def warn_few_rows(rows: int, in_features: int) -> None:

@@ -140,7 +140,7 @@ class Bnb8Backend(Backend):
             _step(scb).reshape(-1),
             damp=stats.damp,
         )
-        new_scb = scb if not result.improved else (result.scales / _INV_127.to(scb.device)).float()
+        new_scb = scb if not result.scales_changed else (result.scales / _INV_127.to(scb.device)).float()
         return QuantizedWeight({"CB": (result.codes - 127).to(torch.int8), "SCB": new_scb})
 
     def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
