@@ -80,7 +80,7 @@ def test_the_suite_catches_a_keep_state_requantize_that_recomputes_scales():
         def requantize_keep_state(self, weight, like):
             return self.requantize(weight, like)
 
-    with pytest.raises(AssertionError, match="check_keep_state_requantize: .* farther from the target"):
+    with pytest.raises(AssertionError, match=r"check_keep_state_requantize: .* farther from the target"):
         testing.check_backend(FreshScales())
 
 
