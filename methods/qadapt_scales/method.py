@@ -85,9 +85,7 @@ class ScalesMethod(Method):
         adapter = _as_scales(adapter)
         layout = backend.group_layout(storage)
         if layout != adapter.layout:
-            raise ConfigError(
-                f"the scales adapter was sized for {adapter.layout} but the layer's storage has {layout}"
-            )
+            raise ConfigError(f"the scales adapter was sized for {adapter.layout} but the layer's storage has {layout}")
         scales = backend.get_group_scales(storage)
         return backend.with_group_scales(storage, scales * adapter.scale.detach().to(scales))
 
