@@ -30,8 +30,6 @@ from qadapt.protocols import GroupLayout
 #: Columns per error-feedback block, outer and inner: updates inside a block are rank-1, between
 #: blocks one matrix product (GPTQ's "lazy batch" updates, two levels deep).
 _BLOCKS = (256, 32)
-#: Rows per chunk in the scale refit (bounds its ``[groups, rows, in]`` temporary to ~64 MiB).
-_REFIT_ELEMENTS = 1 << 24
 
 
 class Codebook:
@@ -115,8 +113,11 @@ def nearest_codes(weight: torch.Tensor, scales: torch.Tensor, codebook: Codebook
 
     Where a scale is 0 every level gives 0, and the code of the level nearest 0 is chosen.
     """
-    scaled = torch.where(scales != 0, weight / torch.where(scales != 0, scales, 1.0), 0.0)
-    return codebook.nearest(scaled)
+    inverse = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0)
+    if codebook.integer:
+        return codebook.nearest_cells(torch.mul(weight, inverse).sub_(codebook.low))
+    inverse.mul_(1.0 / codebook.width)
+    return codebook.nearest_cells(torch.mul(weight, inverse).sub_(codebook.low / codebook.width))
 
 
 def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -217,31 +218,33 @@ def refit_row_aligned(
     row's ``G`` scales (a ``G x G`` system). Returns ``(new_scales [out, G], change [out])`` where
     ``change`` (float64) is the new objective minus the old one (<= 0 up to rounding). Groups
     whose codes are all zero keep their scale.
+
+    Cost: one ``[out, g] @ [g, in]`` product per group (``out * in^2`` multiply-adds in all), each
+    followed by two reductions over ``[out, in]``.
     """
     out, n = weight.shape
     groups = n // group_size
-    hb = hessian.float().reshape(groups, group_size, n)
-    rows = max(1, _REFIT_ELEMENTS // (groups * n))
-    new_scales = torch.empty_like(scales, dtype=torch.float32)
-    change = torch.empty(out, dtype=torch.float64, device=weight.device)
-    for r0 in range(0, out, rows):
-        r1 = min(r0 + rows, out)
-        v = values[r0:r1].float().reshape(r1 - r0, groups, group_size)
-        s = scales[r0:r1].float()
-        err = weight[r0:r1].float() - (v * s.unsqueeze(-1)).reshape(r1 - r0, n)
-        t = torch.bmm(v.transpose(0, 1), hb)  # [G, rows, in]: each group's codes times its rows of H
-        grad = torch.einsum("gri,ri->rg", t, err)  # v_g^T (H e)_g
-        m = torch.einsum("grhb,rhb->rgh", t.reshape(groups, r1 - r0, groups, group_size), v)
-        diag = torch.diagonal(m, dim1=1, dim2=2)
-        dead = diag <= 0
-        ridge = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp(min=1e-30)
-        m = m + torch.diag_embed(torch.where(dead, 1.0, ridge))
-        grad = torch.where(dead, 0.0, grad)
-        step = torch.linalg.solve(m.double(), grad.double().unsqueeze(-1)).squeeze(-1)
-        new_scales[r0:r1] = (s.double() + step).float()
-        # f(s + d) - f(s) = -2 g^T d + d^T M d with d = M^-1 g: = -g^T d.
-        change[r0:r1] = -(grad.double() * step).sum(-1)
-    return new_scales, change
+    hessian = hessian.float()
+    values = values.float()
+    s = scales.float()
+    err = weight.float() - (values.reshape(out, groups, group_size) * s.unsqueeze(-1)).reshape(out, n)
+    m = torch.empty(out, groups, groups, dtype=torch.float32, device=weight.device)
+    grad = torch.empty(out, groups, dtype=torch.float32, device=weight.device)
+    v3 = values.reshape(out, groups, group_size)
+    for g in range(groups):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        t = values[:, cols] @ hessian[cols]  # [out, in]: the group's codes times its rows of H
+        grad[:, g] = torch.linalg.vecdot(t, err)  # v_g^T (H e)_g
+        m[:, g] = torch.linalg.vecdot(t.reshape(out, groups, group_size), v3)
+    diag = torch.diagonal(m, dim1=1, dim2=2)
+    dead = diag <= 0
+    ridge = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp(min=1e-30)
+    m = m + torch.diag_embed(torch.where(dead, 1.0, ridge))
+    grad = torch.where(dead, 0.0, grad)
+    step = torch.linalg.solve(m.double(), grad.double().unsqueeze(-1)).squeeze(-1)
+    # f(s + d) - f(s) = -2 g^T d + d^T M d with d = M^-1 g: = -g^T d.
+    change = -(grad.double() * step).sum(-1)
+    return (s.double() + step).float(), change
 
 
 @dataclass
