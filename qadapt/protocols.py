@@ -223,7 +223,9 @@ class Backend(_Plugin):
         raise NotImplementedError(f"{type(self).__name__} does not implement group_layout")
 
     def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
-        """The effective per-group scales, float32 ``[num_groups]`` (what multiplies each group's codes)."""
+        """The effective per-group scales, float32 ``[num_groups]``: each group's weights are its codes'
+        values times its scale, in the backend's own units (bnb4: the dequantized absmax of each
+        block; bnb8: each row's ``SCB``, the codes being ``CB / 127``). Methods use ratios only."""
         raise NotImplementedError(f"{type(self).__name__} does not implement get_group_scales")
 
     def with_group_scales(self, storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:

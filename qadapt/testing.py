@@ -33,7 +33,7 @@ from torch import nn
 from qadapt import registry
 from qadapt.errors import ConfigError
 from qadapt.layer import QuantAdapterLinear
-from qadapt.protocols import Backend, Method
+from qadapt.protocols import Backend, CalibrationStats, Method, QuantizedWeight
 from qadapt.reference import float_base_layer
 
 BackendCheck = Callable[..., None]
@@ -369,6 +369,130 @@ def check_check_layer_agrees_with_quantize(
             ) from None
 
 
+def _nudged(weight: torch.Tensor, size: float, seed: int) -> torch.Tensor:
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed + 3))
+    return weight + size * weight.std() * noise
+
+
+def _group_values(backend: Backend, storage: QuantizedWeight) -> torch.Tensor:
+    """The per-element group scale ``[out, in]`` of ``storage``."""
+    weight_shape = tuple(backend.dequantize(storage).shape)
+    return backend.group_layout(storage).expand(backend.get_group_scales(storage), weight_shape)
+
+
+def check_keep_state_requantize(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """With ``capabilities.keep_state``: the scales stay bit for bit and each code is the nearest one.
+
+    Generic form of "nearest": every requantized value is at least as close to the target as the
+    old stored value (which is one of the candidates at the kept scale); a weight already on the
+    grid comes back unchanged; with group scales, ``get_group_scales`` is bit-identical.
+    """
+    backend = _backend(backend, options)
+    if not backend.capabilities.keep_state:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    storage = backend.get_storage(module)
+    before = storage.clone()
+    weight = backend.dequantize(storage)
+    target = _nudged(weight, 0.05, seed)
+    new = backend.requantize_keep_state(target, storage)
+    assert storage.equal(before), "requantize_keep_state() modified the storage passed as `like`"
+    assert new.tensors.keys() == storage.tensors.keys(), "requantize_keep_state() changed the storage's tensors"
+    stored = backend.dequantize(new)
+    slack = 1e-3 * (_group_values(backend, storage).abs() if backend.capabilities.group_scales else 0.0) + 1e-7
+    closer = (stored - target).abs() <= (weight - target).abs() * (1 + 1e-6) + slack
+    assert bool(closer.all()), f"{int((~closer).sum())} code(s) are farther from the target than the old ones"
+    again = backend.dequantize(backend.requantize_keep_state(weight, storage))
+    assert torch.equal(again, weight), "a weight already on the grid does not come back unchanged"
+    if backend.capabilities.group_scales:
+        kept = backend.get_group_scales(new)
+        assert QuantizedWeight({"s": kept}).equal(QuantizedWeight({"s": backend.get_group_scales(storage)})), (
+            "requantize_keep_state() changed the group scales"
+        )
+
+
+def check_group_scales(
+    backend: Backend | str,
+    *,
+    options: Any = None,
+    in_features: int = 64,
+    out_features: int = 48,
+    seed: int = 0,
+    tolerance: float = 1e-2,
+) -> None:
+    """With ``capabilities.group_scales``: layout and scales agree, the round trip keeps the weight,
+    and rescaling one group changes that group (by the factor) and, up to ``tolerance`` (the
+    format's rounding of scales, e.g. a nested state), nothing else."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.group_scales:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    storage = backend.get_storage(module)
+    before = storage.clone()
+    weight = backend.dequantize(storage)
+    layout = backend.group_layout(storage)
+    scales = backend.get_group_scales(storage)
+    assert scales.shape == (layout.num_groups,), f"get_group_scales() shape {tuple(scales.shape)}"
+    assert scales.dtype == torch.float32, f"get_group_scales() must return float32, got {scales.dtype}"
+    assert layout.group_size * layout.num_groups >= weight.numel() > layout.group_size * (layout.num_groups - 1), (
+        f"group layout {layout} does not cover a {tuple(weight.shape)} weight"
+    )
+    error = _relative(backend.dequantize(backend.with_group_scales(storage, scales)), weight)
+    assert error <= tolerance, f"with_group_scales(get_group_scales()) moves the weight by {error:.2e}"
+    group = layout.num_groups // 2
+    factor = torch.ones(layout.num_groups)
+    factor[group] = 2.0
+    changed = backend.dequantize(backend.with_group_scales(storage, scales * factor))
+    assert storage.equal(before), "with_group_scales() modified its storage"
+    inside = layout.expand(factor, tuple(weight.shape)) == 2.0
+    error = _relative(changed[inside], 2.0 * weight[inside])
+    assert error <= tolerance, f"the rescaled group is off by {error:.2e}"
+    error = _relative(changed[~inside], weight[~inside])
+    assert error <= tolerance, f"rescaling one group moved the others by {error:.2e}"
+
+
+def check_calibrated_requantize(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """With ``capabilities.calibrated``: on a random ``H`` (correlated inputs, outlier channels),
+    the output error ``tr(E H E^T)`` is not above keep-state's (or fresh's without keep-state),
+    and the result has ``like``'s format (same tensors, dtypes, shapes, metadata)."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.calibrated:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    storage = backend.get_storage(module)
+    before = storage.clone()
+    target = _nudged(backend.dequantize(storage), 0.05, seed)
+    generator = torch.Generator().manual_seed(seed + 4)
+    rows = 8 * in_features
+    mix = torch.randn(max(1, in_features // 8), in_features, generator=generator)
+    x = torch.randn(rows, mix.shape[0], generator=generator) @ mix
+    x += 0.3 * torch.randn(rows, in_features, generator=generator)
+    x[:, :2] *= 10
+    hessian = x.T @ x
+    new = backend.requantize_calibrated(target, storage, CalibrationStats(hessian, rows))
+    assert storage.equal(before), "requantize_calibrated() modified the storage passed as `like`"
+    assert dict(new.meta) == dict(storage.meta), "requantize_calibrated() changed the format's metadata"
+    for key, old in storage.tensors.items():
+        assert key in new.tensors, f"requantize_calibrated() dropped tensor {key!r}"
+        t = new.tensors[key]
+        assert (t.dtype, t.shape) == (old.dtype, old.shape), f"tensor {key!r} changed dtype or shape"
+    if backend.capabilities.keep_state:
+        reference = backend.requantize_keep_state(target, storage)
+    else:
+        reference = backend.requantize(target, storage)
+
+    def objective(s: QuantizedWeight) -> float:
+        error = (backend.dequantize(s) - target).double()
+        return float(((error @ hessian.double()) * error).sum())
+
+    got, baseline = objective(new), objective(reference)
+    assert got <= baseline * (1 + 1e-5), f"calibrated objective {got:.4g} is above keep-state's {baseline:.4g}"
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
@@ -383,6 +507,9 @@ def backend_checks() -> list[BackendCheck]:
         check_state_dict_round_trip,
         check_gradient_reaches_input,
         check_low_precision_inputs,
+        check_keep_state_requantize,
+        check_group_scales,
+        check_calibrated_requantize,
     ]
 
 

@@ -308,3 +308,25 @@ def test_check_layer_must_refuse_with_a_config_error_and_accept_only_what_works(
         testing.check_method(BareError())
     with pytest.raises(AssertionError, match=r"check_layer\(7, 5\) accepted the shape but quantize\(\) raised"):
         testing.check_check_layer_agrees_with_quantize(AcceptsTooMuch())
+
+
+def test_the_suite_catches_a_keep_state_requantize_that_recomputes_scales():
+    from qadapt_bnb.bnb8 import Bnb8Backend
+
+    class FreshScales(Bnb8Backend):
+        def requantize_keep_state(self, weight, like):
+            return self.requantize(weight, like)
+
+    with pytest.raises(AssertionError, match=r"check_keep_state_requantize: .* farther from the target"):
+        testing.check_backend(FreshScales())
+
+
+def test_the_suite_catches_group_scales_that_leak_into_other_groups():
+    from qadapt_bnb.bnb8 import Bnb8Backend
+
+    class Leaky(Bnb8Backend):
+        def with_group_scales(self, storage, scales):
+            return super().with_group_scales(storage, scales * 1.1)
+
+    with pytest.raises(AssertionError, match=r"check_group_scales: with_group_scales\(get_group_scales\(\)\) moves"):
+        testing.check_backend(Leaky())

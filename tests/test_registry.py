@@ -182,7 +182,7 @@ def test_loading_one_plugin_imports_only_that_plugin():
         "import sys, qadapt\n"
         "qadapt.registry.load('backends', 'none'); qadapt.registry.load('methods', 'rowscale')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('bitsandbytes', 'qadapt_bnb', 'qadapt_oft', 'qadapt_randlora')))"
+        "('bitsandbytes', 'qadapt_bnb', 'qadapt_oft', 'qadapt_randlora', 'qadapt_scales')))"
     )
     assert out == "[]"
 
@@ -191,7 +191,7 @@ def test_core_source_never_names_a_plugin_package():
     core = Path(qadapt.__file__).parent
     for path in core.rglob("*.py"):
         text = path.read_text()
-        for plugin_package in ("qadapt_bnb", "qadapt_oft", "qadapt_randlora", "bitsandbytes"):
+        for plugin_package in ("qadapt_bnb", "qadapt_oft", "qadapt_randlora", "qadapt_scales", "bitsandbytes"):
             assert f"import {plugin_package}" not in text and f"from {plugin_package}" not in text, path
 
 
@@ -221,5 +221,5 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         registered = archive.read(entry_points).decode()
     assert {"qadapt", "qadapt_bnb"} <= top_level
-    assert top_level <= {"qadapt", "qadapt_bnb", "qadapt_lora", "qadapt_oft", "qadapt_randlora"}
+    assert top_level <= {"qadapt", "qadapt_bnb", "qadapt_lora", "qadapt_oft", "qadapt_randlora", "qadapt_scales"}
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
