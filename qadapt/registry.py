@@ -16,7 +16,15 @@ from typing import Literal
 from stevedore import DriverManager, ExtensionManager
 from stevedore.extension import Extension
 
-from qadapt.errors import ArgumentTypeError, DuplicatePluginError, PluginError, PluginLoadError, UnknownPluginError
+from qadapt.errors import (
+    ArgumentTypeError,
+    DuplicatePluginError,
+    MissingDependencyError,
+    PluginError,
+    PluginLoadError,
+    UnknownPluginError,
+)
+from qadapt.install_hints import install_hint
 from qadapt.protocols import API_VERSION, BASE_CLASSES, REQUIRED_MEMBERS, Backend, Method
 
 Family = Literal["backends", "methods"]
@@ -123,6 +131,8 @@ def load(family: Family, name: str) -> type:
         UnknownPluginError: nothing installed has that name (the message lists what is installed).
         DuplicatePluginError: two distributions register that name.
         PluginLoadError: the plugin failed to import, or does not satisfy the protocol.
+        MissingDependencyError: (a PluginLoadError) its import needs a module that is not
+            installed; the message gives the ``pip install`` command.
     """
     family = _check_family(family)
     if not isinstance(name, str):
@@ -147,10 +157,15 @@ def load(family: Family, name: str) -> type:
     except PluginError:
         raise
     except Exception as exc:  # a plugin's import may raise anything; report it, with its origin
-        raise PluginLoadError(
-            f"{family[:-1]} plugin {name!r} (distribution {entry.distribution} {entry.version}, "
-            f"{entry.value}) failed to load: {type(exc).__name__}: {exc}"
-        ) from exc
+        where = f"{family[:-1]} plugin {name!r} (distribution {entry.distribution} {entry.version}, {entry.value})"
+        hint = install_hint(entry.distribution, exc)
+        if hint is not None:
+            raise MissingDependencyError(
+                f"{where} needs the module {hint.module!r}, which is not installed. Install it with: {hint.command}",
+                module=hint.module,
+                command=hint.command,
+            ) from exc
+        raise PluginLoadError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
     _check_protocol(family, plugin, entry)
     plugin.name = name
     _loaded[key] = plugin

@@ -1,0 +1,145 @@
+"""``hqq``: Half-Quadratic Quantization linear layers (``hqq.core.quantize.HQQLinear``).
+
+The forward runs hqq's PyTorch backend (dequantize, then matmul; it runs on CPU and lets
+gradients reach the input) whatever backend ``HQQLinear.set_backend`` chose globally, so that
+adapters train the same way everywhere. The CUDA/ATen kernels are not used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from hqq.core.quantize import HQQLinear, Quantizer, hqq_base_quant_config
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from qadapt.errors import ConfigError
+from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+
+FloatName = Literal["float32", "bfloat16", "float16"]
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Plain values of an HQQLinear's ``meta`` that the storage carries (scale and zero are tensors).
+_META_KEYS = ("nbits", "group_size", "shape", "axis", "packing", "unpack_view_dtype", "view_as_float", "compute_dtype")
+#: Quantizer settings that live in ``quant_config`` rather than ``meta`` (needed to requantize alike).
+_QUANT_KEYS = ("channel_wise", "optimize", "round_zero")
+
+
+class HqqOptions(PluginOptions):
+    """Options of the ``hqq`` backend (used when it quantizes a float layer)."""
+
+    nbits: Literal[8, 4, 3, 2, 1] = Field(4, description="Bits per weight.")
+    group_size: PositiveInt | None = Field(
+        64,
+        description=(
+            "Weights per (scale, zero) group; a multiple of 8 that divides out_features * in_features "
+            "(None: whole rows for axis=1, whole columns for axis=0)."
+        ),
+    )
+    axis: Literal[0, 1] = Field(
+        1, description="1: groups run along in_features (the usual choice); 0: along out_features."
+    )
+    compute_dtype: FloatName = Field(
+        "float32", description="dtype of the scales, zeros, bias and matmul (hqq's default, float16, is slow on CPU)."
+    )
+    optimize: bool = Field(True, description="Refine scales and zeros with HQQ's half-quadratic solver.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class HqqBackend(Backend):
+    """Groupwise ``nbits`` weights with a float scale and zero per group: ``W ~ (W_q - zero) * scale``.
+
+    Storage: ``W_q`` (packed codes), ``scale`` and ``zero`` (one per group, in the compute
+    dtype); ``meta`` holds hqq's plain settings (nbits, group_size, axis, packing, ...).
+    Layers with hqq's deprecated quantized or offloaded scales/zeros are not owned.
+    """
+
+    Options = HqqOptions
+
+    def owns(self, module: nn.Module) -> bool:
+        if not isinstance(module, HQQLinear) or not module.is_initialized():
+            return False
+        meta = module.meta
+        return not meta.get("quant_scale") and not meta.get("quant_zero") and "zero_scale" not in meta
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        """Raise ConfigError when the options cannot quantize a layer of this size."""
+        group = self.options.group_size
+        if group is None:
+            return
+        numel = in_features * out_features
+        if group % 8 or numel % group:
+            raise ConfigError(
+                f"backend hqq: group_size={group} must be a multiple of 8 that divides out_features * in_features "
+                f"= {numel} ({in_features} -> {out_features})"
+            )
+
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        opts = self.options
+        self.check_layer(linear.in_features, linear.out_features)
+        config = hqq_base_quant_config(nbits=opts.nbits, group_size=opts.group_size, axis=opts.axis)
+        config["weight_quant_params"]["optimize"] = opts.optimize
+        # HQQLinear deletes the parameters of the layer it is given: give it a holder, not the caller's layer.
+        holder = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        holder.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            holder.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        device = linear.weight.device
+        return HQQLinear(holder, config, compute_dtype=_FLOAT_DTYPES[opts.compute_dtype], device=str(device))
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def get_storage(self, module: nn.Module) -> QuantizedWeight:
+        meta = module.meta
+        plain = {key: meta[key] for key in _META_KEYS}
+        plain["shape"] = tuple(plain["shape"])
+        params = module.quant_config["weight_quant_params"]
+        plain.update({key: params[key] for key in _QUANT_KEYS})
+        return QuantizedWeight({"W_q": module.W_q.data, "scale": meta["scale"], "zero": meta["zero"]}, plain)
+
+    def set_storage(self, module: nn.Module, storage: QuantizedWeight) -> None:
+        tensors, plain = storage.tensors, storage.meta
+        meta = {key: plain[key] for key in _META_KEYS}
+        meta.update(shape=torch.Size(plain["shape"]), scale=tensors["scale"], zero=tensors["zero"])
+        meta.update(quant_scale=False, quant_zero=False)
+        module.W_q = nn.Parameter(tensors["W_q"], requires_grad=False)
+        module.meta = meta
+
+    def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
+        meta = {**storage.meta, "scale": storage.tensors["scale"], "zero": storage.tensors["zero"]}
+        meta["shape"] = torch.Size(meta["shape"])
+        return Quantizer.dequantize(storage.tensors["W_q"], meta).float()
+
+    def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        m = like.meta
+        device = like.tensors["W_q"].device
+        w_q, meta = Quantizer.quantize(
+            weight.detach().float().to(device),
+            nbits=m["nbits"],
+            channel_wise=m["channel_wise"],
+            group_size=m["group_size"],
+            optimize=m["optimize"],
+            round_zero=m["round_zero"],
+            axis=m["axis"],
+            view_as_float=m["view_as_float"],
+            compute_dtype=m["compute_dtype"],
+            device=str(device),
+        )
+        # What HQQLinear does after quantizing: scales and zeros in the compute dtype, on the device.
+        meta["compute_dtype"] = m["compute_dtype"]
+        w_q, meta = Quantizer.to_ooplace(w_q, meta, device=device)
+        plain = {key: meta[key] for key in _META_KEYS}
+        plain["shape"] = tuple(plain["shape"])
+        plain.update({key: m[key] for key in _QUANT_KEYS})
+        return QuantizedWeight({"W_q": w_q, "scale": meta["scale"], "zero": meta["zero"]}, plain)
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        compute = module.compute_dtype
+        if x.is_meta:
+            return module.forward_pytorch_backprop(x.to(compute))
+        with torch.autocast(x.device.type, enabled=False):
+            return module.forward_pytorch_backprop(x.to(compute))

@@ -1,0 +1,159 @@
+"""The torchao weight formats the backend understands, each quantized by torchao's own code.
+
+A format is recognised by the exact tensor subclass of a linear layer's weight. Its *settings*
+(a plain dict: block size, bit width, mapping, ...) are read back from the tensor itself, so a
+layer that the user quantized with ``quantize_`` is requantized with the configuration it was
+built with, not with the backend's options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qadapt_torchao._quiet import import_torchao
+
+import_torchao()
+
+from torchao.quantization import (  # noqa: E402
+    Int8Tensor,
+    Int8WeightOnlyConfig,
+    IntxUnpackedToInt8Tensor,
+    IntxWeightOnlyConfig,
+    MappingType,
+    PerAxis,
+    PerGroup,
+    PerRow,
+    PerTensor,
+    quantize_,
+)
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4  # noqa: E402
+
+Settings = dict[str, Any]
+
+_MAPPINGS = {"symmetric": MappingType.SYMMETRIC, "asymmetric": MappingType.ASYMMETRIC}
+
+
+@dataclass(frozen=True)
+class Format:
+    """One torchao weight format: how to recognise, read, build and decode it."""
+
+    name: str
+    tensor_type: type
+    #: True when the tensor is weight-only (no activation quantization in its linear).
+    weight_only: Callable[[torch.Tensor], bool]
+    #: The settings a tensor of this format was built with.
+    settings: Callable[[torch.Tensor], Settings]
+    #: ``(float weight [out, in] in the target dtype, settings) -> quantized tensor``.
+    quantize: Callable[[torch.Tensor, Settings], torch.Tensor]
+    #: The tensor's float weight ``[out, in]`` in its own dtype.
+    dequantize: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _through_quantize_(weight: torch.Tensor, config: Any) -> torch.Tensor:
+    """Run torchao's ``quantize_`` with ``config`` on a linear holding ``weight`` and return its new weight."""
+    holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    holder.weight = nn.Parameter(weight, requires_grad=False)
+    quantize_(holder, config)
+    return holder.weight
+
+
+def _granularity(block_size: list[int] | tuple[int, ...], shape: torch.Size, per_row: Any) -> Any:
+    if tuple(block_size) == tuple(shape):
+        return PerTensor()
+    if block_size[1] == shape[1]:
+        return per_row
+    return PerGroup(block_size[1])
+
+
+# --------------------------------------------------------------------- int8 weight-only
+
+
+def _int8_weight_only(t: torch.Tensor) -> bool:
+    return all(getattr(t, name, None) is None for name in ("act_quant_kwargs", "act_quant_scale", "act_pre_scale"))
+
+
+def _int8_settings(t: torch.Tensor) -> Settings:
+    return {"block_size": list(t.block_size)}
+
+
+def _int8_quantize(weight: torch.Tensor, settings: Settings) -> torch.Tensor:
+    granularity = _granularity(settings["block_size"], weight.shape, PerRow())
+    return _through_quantize_(weight, Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False))
+
+
+INT8 = Format("int8", Int8Tensor, _int8_weight_only, _int8_settings, _int8_quantize, lambda t: t.dequantize())
+
+
+# ------------------------------------------------------------ intx (int1..int8) weight-only
+
+
+def _intx_settings(t: torch.Tensor) -> Settings:
+    zero = t.zero_point
+    return {
+        "block_size": list(t.block_size),
+        "weight_dtype": t.target_dtype,
+        # The tensor does not record its mapping; nonzero zero points can only come from an asymmetric one.
+        "mapping": "asymmetric" if zero is not None and bool(zero.any()) else "symmetric",
+        "scale_dtype": None if t.scale.dtype == t.dtype else t.scale.dtype,
+    }
+
+
+def _intx_quantize(weight: torch.Tensor, settings: Settings) -> torch.Tensor:
+    config = IntxWeightOnlyConfig(
+        weight_dtype=settings["weight_dtype"],
+        granularity=_granularity(settings["block_size"], weight.shape, PerAxis(0)),
+        mapping_type=_MAPPINGS[settings["mapping"]],
+        scale_dtype=settings["scale_dtype"],
+    )
+    return _through_quantize_(weight, config)
+
+
+INTX = Format(
+    "intx",
+    IntxUnpackedToInt8Tensor,
+    lambda t: t.activation_quantization is None,
+    _intx_settings,
+    _intx_quantize,
+    lambda t: t.dequantize(),
+)
+
+
+# ------------------------------------------------------------------------------- nf4
+
+NF4 = Format(
+    "nf4",
+    NF4Tensor,
+    lambda t: True,
+    lambda t: {"block_size": t.block_size, "scaler_block_size": t.scaler_block_size},
+    lambda weight, s: to_nf4(weight.contiguous(), s["block_size"], s["scaler_block_size"]),
+    lambda t: t.get_original_weight(),
+)
+
+FORMATS: dict[type, Format] = {f.tensor_type: f for f in (INT8, INTX, NF4)}
+
+
+def format_of(weight: object) -> Format | None:
+    """The format of a linear layer's weight, or None when it is not a weight-only torchao tensor."""
+    fmt = FORMATS.get(type(weight))
+    return fmt if fmt is not None and fmt.weight_only(weight) else None  # type: ignore[arg-type]
+
+
+def nf4_problem(numel: int, block_size: int, scaler_block_size: int) -> str | None:
+    """Why torchao's NF4 cannot hold a weight of ``numel`` elements with these block sizes, or None."""
+    if numel % 2:
+        return f"NF4 packs two weights per byte and needs an even number of weights, got {numel}"
+    if numel % block_size:
+        return f"nf4_block_size={block_size} must divide out_features * in_features = {numel}"
+    blocks = numel // block_size
+    if blocks % scaler_block_size:
+        valid = [d for d in range(1, min(blocks, 512) + 1) if blocks % d == 0]
+        return (
+            f"nf4_scaler_block_size={scaler_block_size} must divide the number of blocks "
+            f"({numel} / {block_size} = {blocks}); values that fit: {valid}"
+        )
+    return None
