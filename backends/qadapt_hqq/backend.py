@@ -23,6 +23,8 @@ _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 _META_KEYS = ("nbits", "group_size", "shape", "axis", "packing", "unpack_view_dtype", "view_as_float", "compute_dtype")
 #: Quantizer settings that live in ``quant_config`` rather than ``meta`` (needed to requantize alike).
 _QUANT_KEYS = ("channel_wise", "optimize", "round_zero")
+#: hqq packs this many groups' codes into one byte (3 bits pads to 10 per int32; 8 bits does not pack).
+_CODES_PER_BYTE = {4: 2, 2: 4, 1: 8}
 
 
 class HqqOptions(PluginOptions):
@@ -66,15 +68,31 @@ class HqqBackend(Backend):
         return not meta.get("quant_scale") and not meta.get("quant_zero") and "zero_scale" not in meta
 
     def check_layer(self, in_features: int, out_features: int) -> None:
-        """Raise ConfigError when the options cannot quantize a layer of this size."""
-        group = self.options.group_size
-        if group is None:
-            return
+        """Raise ConfigError when the options cannot quantize a layer of this size.
+
+        hqq cuts the flattened weight into groups (``group_size`` along ``axis``) and packs codes
+        across groups: 2, 4 or 8 groups share a byte at 4, 2 or 1 bits, so the group count
+        (``axis=1``) or the group size (``axis=0``) must be a multiple of that.
+        """
+        opts = self.options
         numel = in_features * out_features
-        if group % 8 or numel % group:
+        where = f"backend hqq ({in_features} -> {out_features})"
+        group = opts.group_size
+        if group is not None and (group % 8 or numel % group):
             raise ConfigError(
-                f"backend hqq: group_size={group} must be a multiple of 8 that divides out_features * in_features "
-                f"= {numel} ({in_features} -> {out_features})"
+                f"{where}: group_size={group} must be a multiple of 8 that divides out_features * in_features = {numel}"
+            )
+        if group is None:
+            group = in_features if opts.axis == 1 else out_features
+        packed = numel // group if opts.axis == 1 else group
+        per_byte = _CODES_PER_BYTE.get(opts.nbits, 1)
+        if packed % per_byte:
+            what = f"the group size {group}"
+            if opts.axis == 1:
+                what = f"the number of groups ({numel} / {group} = {packed})"
+            raise ConfigError(
+                f"{where}: nbits={opts.nbits} packs {per_byte} groups per byte, so {what} must be a multiple "
+                f"of {per_byte} (group_size={opts.group_size}, axis={opts.axis}); choose another group_size or axis"
             )
 
     def quantize(self, linear: nn.Linear) -> nn.Module:

@@ -43,6 +43,12 @@ class TorchaoBackend(Backend):
                 f"backend torchao: group_size={opts.group_size} must divide in_features={in_features}; "
                 "use a divisor of in_features, or None for one scale per output row"
             )
+        elif (opts.group_size or in_features) == 1:
+            # torchao 0.18's choose_qparams_affine fails on groups of one weight (a reshape error).
+            raise ConfigError(
+                f"backend torchao (config={opts.config!r}): groups of one weight are not supported by torchao "
+                f"(group_size={opts.group_size}, in_features={in_features}); use groups of 2 or more weights"
+            )
 
     def _settings(self, in_features: int) -> tuple[Format, Settings]:
         opts = self.options

@@ -63,10 +63,10 @@ def _through_quantize_(weight: torch.Tensor, config: Any) -> torch.Tensor:
 
 
 def _granularity(block_size: list[int] | tuple[int, ...], shape: torch.Size, per_row: Any) -> Any:
+    if block_size[0] == 1 and block_size[1] == shape[1]:
+        return per_row
     if tuple(block_size) == tuple(shape):
         return PerTensor()
-    if block_size[1] == shape[1]:
-        return per_row
     return PerGroup(block_size[1])
 
 
