@@ -1,5 +1,10 @@
 """``hqq``: Half-Quadratic Quantization linear layers (``hqq.core.quantize.HQQLinear``).
 
+hqq is imported on first use, not when the plugin loads: no layer can be an ``HQQLinear`` before
+hqq was imported, so ``owns`` (asked of every installed backend by ``backend="auto"``) answers
+False without importing it. Loading the plugin still fails at once, with the install hint, when
+hqq is not installed.
+
 The forward runs hqq's PyTorch backend (dequantize, then matmul; it runs on CPU and lets
 gradients reach the input) whatever backend ``HQQLinear.set_backend`` chose globally, so that
 adapters train the same way everywhere. The CUDA/ATen kernels are not used.
@@ -7,15 +12,28 @@ adapters train the same way everywhere. The CUDA/ATen kernels are not used.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from types import ModuleType
 from typing import Literal
 
 import torch
-from hqq.core.quantize import HQQLinear, Quantizer, hqq_base_quant_config
 from pydantic import Field, PositiveInt
 from torch import nn
 
 from qadapt.errors import ConfigError
 from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+
+if importlib.util.find_spec("hqq") is None:
+    raise ModuleNotFoundError("No module named 'hqq'", name="hqq")
+
+
+def _hqq() -> ModuleType:
+    """``hqq.core.quantize`` (HQQLinear, Quantizer, hqq_base_quant_config)."""
+    from hqq.core import quantize
+
+    return quantize
+
 
 FloatName = Literal["float32", "bfloat16", "float16"]
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,7 +80,7 @@ class HqqBackend(Backend):
     Options = HqqOptions
 
     def owns(self, module: nn.Module) -> bool:
-        if not isinstance(module, HQQLinear) or not module.is_initialized():
+        if "hqq" not in sys.modules or not isinstance(module, _hqq().HQQLinear) or not module.is_initialized():
             return False
         meta = module.meta
         return not meta.get("quant_scale") and not meta.get("quant_zero") and "zero_scale" not in meta
@@ -98,7 +116,8 @@ class HqqBackend(Backend):
     def quantize(self, linear: nn.Linear) -> nn.Module:
         opts = self.options
         self.check_layer(linear.in_features, linear.out_features)
-        config = hqq_base_quant_config(nbits=opts.nbits, group_size=opts.group_size, axis=opts.axis)
+        hqq = _hqq()
+        config = hqq.hqq_base_quant_config(nbits=opts.nbits, group_size=opts.group_size, axis=opts.axis)
         config["weight_quant_params"]["optimize"] = opts.optimize
         # HQQLinear deletes the parameters of the layer it is given: give it a holder, not the caller's layer.
         holder = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
@@ -106,7 +125,7 @@ class HqqBackend(Backend):
         if linear.bias is not None:
             holder.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         device = linear.weight.device
-        return HQQLinear(holder, config, compute_dtype=_FLOAT_DTYPES[opts.compute_dtype], device=str(device))
+        return hqq.HQQLinear(holder, config, compute_dtype=_FLOAT_DTYPES[opts.compute_dtype], device=str(device))
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
@@ -130,12 +149,13 @@ class HqqBackend(Backend):
     def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
         meta = {**storage.meta, "scale": storage.tensors["scale"], "zero": storage.tensors["zero"]}
         meta["shape"] = torch.Size(meta["shape"])
-        return Quantizer.dequantize(storage.tensors["W_q"], meta).float()
+        return _hqq().Quantizer.dequantize(storage.tensors["W_q"], meta).float()
 
     def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         m = like.meta
         device = like.tensors["W_q"].device
-        w_q, meta = Quantizer.quantize(
+        quantizer = _hqq().Quantizer
+        w_q, meta = quantizer.quantize(
             weight.detach().float().to(device),
             nbits=m["nbits"],
             channel_wise=m["channel_wise"],
@@ -149,7 +169,7 @@ class HqqBackend(Backend):
         )
         # What HQQLinear does after quantizing: scales and zeros in the compute dtype, on the device.
         meta["compute_dtype"] = m["compute_dtype"]
-        w_q, meta = Quantizer.to_ooplace(w_q, meta, device=device)
+        w_q, meta = quantizer.to_ooplace(w_q, meta, device=device)
         plain = {key: meta[key] for key in _META_KEYS}
         plain["shape"] = tuple(plain["shape"])
         plain.update({key: m[key] for key in _QUANT_KEYS})

@@ -1,6 +1,16 @@
-"""``torchao``: ``nn.Linear`` layers whose weight is a torchao tensor subclass (int8 / intx weight-only, NF4)."""
+"""``torchao``: ``nn.Linear`` layers whose weight is a torchao tensor subclass (int8 / intx weight-only, NF4).
+
+torchao itself is imported on first use (``qadapt_torchao.formats``), not when the plugin loads:
+``backend="auto"`` asks every installed backend whether it owns each layer, and no layer can hold
+a torchao tensor before torchao was imported, so ``owns`` answers False without importing it.
+Loading the plugin still fails at once, with the install hint, when torchao is not installed.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -8,10 +18,16 @@ from torch import nn
 
 from qadapt.errors import ConfigError
 from qadapt.protocols import Backend, QuantizedWeight
-from qadapt_torchao.formats import FORMATS, INT8, INTX, NF4, Format, Settings, format_of, nf4_problem
 from qadapt_torchao.options import TorchaoOptions
 
-_BY_NAME: dict[str, Format] = {f.tensor_type.__name__: f for f in FORMATS.values()}
+if importlib.util.find_spec("torchao") is None:
+    raise ModuleNotFoundError("No module named 'torchao'", name="torchao")
+
+
+def _formats() -> ModuleType:
+    from qadapt_torchao import formats
+
+    return formats
 
 
 class TorchaoBackend(Backend):
@@ -29,13 +45,15 @@ class TorchaoBackend(Backend):
     # ------------------------------------------------------------------ modules
 
     def owns(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and format_of(module.weight) is not None
+        if not isinstance(module, nn.Linear) or "torchao" not in sys.modules:
+            return False
+        return _formats().format_of(module.weight) is not None
 
     def check_layer(self, in_features: int, out_features: int) -> None:
         """Raise ConfigError when the options cannot quantize a layer of this size."""
         opts = self.options
         if opts.config == "nf4":
-            problem = nf4_problem(in_features * out_features, opts.nf4_block_size, opts.nf4_scaler_block_size)
+            problem = _nf4_problem(in_features * out_features, opts.nf4_block_size, opts.nf4_scaler_block_size)
             if problem:
                 raise ConfigError(f"backend torchao (config='nf4'): {problem} ({in_features} -> {out_features})")
         elif opts.group_size is not None and in_features % opts.group_size:
@@ -50,15 +68,16 @@ class TorchaoBackend(Backend):
                 f"(group_size={opts.group_size}, in_features={in_features}); use groups of 2 or more weights"
             )
 
-    def _settings(self, in_features: int) -> tuple[Format, Settings]:
+    def _settings(self, in_features: int) -> tuple[object, dict]:
         opts = self.options
+        formats = _formats()
         if opts.config == "nf4":
-            return NF4, {"block_size": opts.nf4_block_size, "scaler_block_size": opts.nf4_scaler_block_size}
+            return formats.NF4, {"block_size": opts.nf4_block_size, "scaler_block_size": opts.nf4_scaler_block_size}
         block_size = [1, opts.group_size or in_features]
         if opts.config == "int8":
-            return INT8, {"block_size": block_size}
+            return formats.INT8, {"block_size": block_size}
         settings = {"block_size": block_size, "weight_dtype": torch.int4, "mapping": opts.mapping, "scale_dtype": None}
-        return INTX, settings
+        return formats.INTX, settings
 
     def quantize(self, linear: nn.Linear) -> nn.Module:
         self.check_layer(linear.in_features, linear.out_features)
@@ -84,11 +103,11 @@ class TorchaoBackend(Backend):
 
     def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
         tensor = _rebuild(storage)
-        return FORMATS[type(tensor)].dequantize(tensor).float()
+        return _formats().FORMATS[type(tensor)].dequantize(tensor).float()
 
     def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         old = _rebuild(like)
-        fmt = FORMATS[type(old)]
+        fmt = _formats().FORMATS[type(old)]
         target = weight.detach().to(device=old.device, dtype=old.dtype).contiguous()
         return _storage(fmt.quantize(target, fmt.settings(old)))
 
@@ -105,6 +124,22 @@ class TorchaoBackend(Backend):
             return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
 
+def _nf4_problem(numel: int, block_size: int, scaler_block_size: int) -> str | None:
+    """Why torchao's NF4 cannot hold a weight of ``numel`` elements with these block sizes, or None."""
+    if numel % 2:
+        return f"NF4 packs two weights per byte and needs an even number of weights, got {numel}"
+    if numel % block_size:
+        return f"nf4_block_size={block_size} must divide out_features * in_features = {numel}"
+    blocks = numel // block_size
+    if blocks % scaler_block_size:
+        valid = [d for d in range(1, min(blocks, 512) + 1) if blocks % d == 0]
+        return (
+            f"nf4_scaler_block_size={scaler_block_size} must divide the number of blocks "
+            f"({numel} / {block_size} = {blocks}); values that fit: {valid}"
+        )
+    return None
+
+
 def _storage(tensor: torch.Tensor) -> QuantizedWeight:
     names, attributes = tensor.__tensor_flatten__()
     meta = {
@@ -118,7 +153,7 @@ def _storage(tensor: torch.Tensor) -> QuantizedWeight:
 
 def _rebuild(storage: QuantizedWeight) -> torch.Tensor:
     meta = storage.meta
-    fmt = _BY_NAME[meta["subclass"]]
+    fmt = _formats().BY_NAME[meta["subclass"]]
     return fmt.tensor_type.__tensor_unflatten__(
         dict(storage.tensors), meta["attributes"], torch.Size(meta["shape"]), meta["stride"]
     )

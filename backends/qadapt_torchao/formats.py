@@ -135,25 +135,10 @@ NF4 = Format(
 )
 
 FORMATS: dict[type, Format] = {f.tensor_type: f for f in (INT8, INTX, NF4)}
+BY_NAME: dict[str, Format] = {f.tensor_type.__name__: f for f in FORMATS.values()}
 
 
 def format_of(weight: object) -> Format | None:
     """The format of a linear layer's weight, or None when it is not a weight-only torchao tensor."""
     fmt = FORMATS.get(type(weight))
     return fmt if fmt is not None and fmt.weight_only(weight) else None  # type: ignore[arg-type]
-
-
-def nf4_problem(numel: int, block_size: int, scaler_block_size: int) -> str | None:
-    """Why torchao's NF4 cannot hold a weight of ``numel`` elements with these block sizes, or None."""
-    if numel % 2:
-        return f"NF4 packs two weights per byte and needs an even number of weights, got {numel}"
-    if numel % block_size:
-        return f"nf4_block_size={block_size} must divide out_features * in_features = {numel}"
-    blocks = numel // block_size
-    if blocks % scaler_block_size:
-        valid = [d for d in range(1, min(blocks, 512) + 1) if blocks % d == 0]
-        return (
-            f"nf4_scaler_block_size={scaler_block_size} must divide the number of blocks "
-            f"({numel} / {block_size} = {blocks}); values that fit: {valid}"
-        )
-    return None
