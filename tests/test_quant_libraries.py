@@ -158,6 +158,42 @@ def test_options_that_contradict_the_config_are_refused_naming_the_field():
         qadapt.wrap(two_layer_model(), "oft", "torchao", backend_options={"mapping": "asymmetric"})
 
 
+KEEP_STATE_SPECS = [
+    ("torchao", {"config": "int8"}),
+    ("torchao", {"config": "int8", "group_size": 16}),
+    ("torchao", {"config": "int4", "group_size": 32}),
+    ("torchao", {"config": "int4", "group_size": 16, "mapping": "asymmetric"}),
+    ("torchao", {"config": "nf4", "nf4_scaler_block_size": 8}),
+    ("hqq", {"nbits": 4, "group_size": 64}),
+    ("hqq", {"nbits": 3, "group_size": 32, "axis": 0}),
+    ("hqq", {"nbits": 8, "group_size": None}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), KEEP_STATE_SPECS, ids=lambda v: str(v))
+def test_keep_state_requantize_keeps_the_scales_and_chooses_nearest_codes(name, options):
+    backend = registry.backend_class(name)(options)
+    assert backend.capabilities.keep_state
+    module = backend.quantize(two_layer_model()[0])
+    storage = backend.get_storage(module)
+    kept = storage.clone()
+    weight = backend.dequantize(storage)
+    # On the grid already: the same codes and scales, bit for bit (unlike torchao's fresh symmetric int4).
+    assert backend.requantize_keep_state(weight, storage).equal(storage)
+    target = weight * 1.1 + 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+    moved = backend.requantize_keep_state(target, storage)
+    assert storage.equal(kept), "requantize_keep_state() modified `like`"
+    code_names = {"W_q", "qdata", "quantized_data"}
+    for key, tensor in storage.tensors.items():
+        same = torch.equal(moved.tensors[key], tensor)
+        assert same != (key in code_names), f"{key}: codes must change and everything else stay"
+    assert dict(moved.meta) == dict(storage.meta)
+    # Nearest codes on the kept grid are never farther from the target than the old codes.
+    new_error = float((backend.dequantize(moved) - target).norm())
+    old_error = float((weight - target).norm())
+    assert new_error <= old_error * (1 + 1e-6), (new_error, old_error)
+
+
 # ------------------------------------------------------------------------ missing libraries
 
 

@@ -22,7 +22,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from qadapt.errors import ConfigError
-from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+from qadapt.protocols import Backend, BackendCapabilities, PluginOptions, QuantizedWeight
 
 if importlib.util.find_spec("hqq") is None:
     raise ModuleNotFoundError("No module named 'hqq'", name="hqq")
@@ -78,6 +78,7 @@ class HqqBackend(Backend):
     """
 
     Options = HqqOptions
+    capabilities = BackendCapabilities(keep_state=True)
 
     def owns(self, module: nn.Module) -> bool:
         if "hqq" not in sys.modules or not isinstance(module, _hqq().HQQLinear) or not module.is_initialized():
@@ -174,6 +175,21 @@ class HqqBackend(Backend):
         plain["shape"] = tuple(plain["shape"])
         plain.update({key: m[key] for key in _QUANT_KEYS})
         return QuantizedWeight({"W_q": w_q, "scale": meta["scale"], "zero": meta["zero"]}, plain)
+
+    def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        """Codes ``round(W / scale + zero)`` in ``like``'s groups, packed by hqq; scale and zero kept as they are."""
+        m, t = like.meta, like.tensors
+        w = weight.detach().float().to(t["W_q"].device)
+        if m["channel_wise"] and m["group_size"] is not None:
+            w = w.reshape(-1, m["group_size"]) if m["axis"] == 1 else w.reshape(m["group_size"], -1)
+        codes = (w / t["scale"].float() + t["zero"].float()).round_().clamp_(0, round(2 ** m["nbits"] - 1))
+        quantizer = _hqq().Quantizer
+        if m["packing"] is None:  # stored unpacked
+            return QuantizedWeight({"W_q": codes.to(t["W_q"].dtype), "scale": t["scale"], "zero": t["zero"]}, dict(m))
+        w_q = quantizer.pack[m["packing"]](codes)
+        if m["view_as_float"]:
+            w_q = w_q.view(m["compute_dtype"])
+        return QuantizedWeight({"W_q": w_q, "scale": t["scale"], "zero": t["zero"]}, dict(m))
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         compute = module.compute_dtype

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qadapt.errors import ConfigError
-from qadapt.protocols import Backend, QuantizedWeight
+from qadapt.protocols import Backend, BackendCapabilities, QuantizedWeight
 from qadapt_torchao.options import TorchaoOptions
 
 if importlib.util.find_spec("torchao") is None:
@@ -41,6 +41,7 @@ class TorchaoBackend(Backend):
     """
 
     Options = TorchaoOptions
+    capabilities = BackendCapabilities(keep_state=True)
 
     # ------------------------------------------------------------------ modules
 
@@ -110,6 +111,13 @@ class TorchaoBackend(Backend):
         fmt = _formats().FORMATS[type(old)]
         target = weight.detach().to(device=old.device, dtype=old.dtype).contiguous()
         return _storage(fmt.quantize(target, fmt.settings(old)))
+
+    def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        """Codes nearest to ``weight`` against ``like``'s scales (and zero points / NF4 scaler state),
+        which stay the same tensors; torchao's ``from_hp`` with given scales, or nearest NF4 codes."""
+        old = _rebuild(like)
+        target = weight.detach().to(device=old.device, dtype=old.dtype).contiguous()
+        return _storage(_formats().FORMATS[type(old)].keep_state(target, old))
 
     # ------------------------------------------------------------------ forward
 

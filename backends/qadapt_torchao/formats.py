@@ -52,6 +52,9 @@ class Format:
     quantize: Callable[[torch.Tensor, Settings], torch.Tensor]
     #: The tensor's float weight ``[out, in]`` in its own dtype.
     dequantize: Callable[[torch.Tensor], torch.Tensor]
+    #: ``(float weight [out, in], old tensor) -> tensor`` with the old tensor's scales (same objects),
+    #: codes chosen nearest against them.
+    keep_state: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _through_quantize_(weight: torch.Tensor, config: Any) -> torch.Tensor:
@@ -86,7 +89,14 @@ def _int8_quantize(weight: torch.Tensor, settings: Settings) -> torch.Tensor:
     return _through_quantize_(weight, Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False))
 
 
-INT8 = Format("int8", Int8Tensor, _int8_weight_only, _int8_settings, _int8_quantize, lambda t: t.dequantize())
+def _int8_keep_state(weight: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    granularity = _granularity(old.block_size, weight.shape, PerRow())
+    return Int8Tensor.from_hp(weight, granularity=granularity, scale=old.scale, zero_point=old.zero_point)
+
+
+INT8 = Format(
+    "int8", Int8Tensor, _int8_weight_only, _int8_settings, _int8_quantize, lambda t: t.dequantize(), _int8_keep_state
+)
 
 
 # ------------------------------------------------------------ intx (int1..int8) weight-only
@@ -113,6 +123,18 @@ def _intx_quantize(weight: torch.Tensor, settings: Settings) -> torch.Tensor:
     return _through_quantize_(weight, config)
 
 
+def _intx_keep_state(weight: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return IntxUnpackedToInt8Tensor.from_hp(
+        weight,
+        old.block_size,
+        old.target_dtype,
+        mapping_type=_MAPPINGS[_intx_settings(old)["mapping"]],
+        intx_choose_qparams_algorithm=None,
+        custom_scale=old.scale,
+        custom_zero_point=old.zero_point,
+    )
+
+
 INTX = Format(
     "intx",
     IntxUnpackedToInt8Tensor,
@@ -120,10 +142,37 @@ INTX = Format(
     _intx_settings,
     _intx_quantize,
     lambda t: t.dequantize(),
+    _intx_keep_state,
 )
 
 
 # ------------------------------------------------------------------------------- nf4
+
+#: Weights coded per pass when choosing NF4 codes (the nearest-code search holds 16 floats per weight).
+_NF4_CHUNK = 1 << 18
+
+
+def _nf4_keep_state(weight: torch.Tensor, old: NF4Tensor) -> NF4Tensor:
+    """NF4 codes nearest to ``weight`` against ``old``'s (double-quantized) block scales, kept as they are."""
+    scalers = old.dequantize_scalers(old.quantized_scalers, old.quantization_factor, old.scaler_block_size)
+    scaled = (weight.reshape(old.n_blocks, old.block_size) / scalers.unsqueeze(-1)).reshape(-1)
+    codes = torch.cat([NF4Tensor.quantize_tensor_nearest(chunk, old.nf4) for chunk in scaled.split(_NF4_CHUNK)]).to(
+        torch.uint8
+    )
+    packed = (codes[::2] << 4) | codes[1::2]
+    attributes = old.__tensor_flatten__()[1]
+    return NF4Tensor(
+        attributes["tensor_meta"],
+        old.block_size,
+        old.n_blocks,
+        old.scaler_block_size,
+        old.quantized_scalers,
+        old.quantization_factor,
+        old.scaler_mean,
+        packed,
+        old.nf4,
+    )
+
 
 NF4 = Format(
     "nf4",
@@ -132,6 +181,7 @@ NF4 = Format(
     lambda t: {"block_size": t.block_size, "scaler_block_size": t.scaler_block_size},
     lambda weight, s: to_nf4(weight.contiguous(), s["block_size"], s["scaler_block_size"]),
     lambda t: t.get_original_weight(),
+    _nf4_keep_state,
 )
 
 FORMATS: dict[type, Format] = {f.tensor_type: f for f in (INT8, INTX, NF4)}
