@@ -66,6 +66,19 @@ class PluginLoadError(PluginError):
     """A plugin exists but failed to import or does not satisfy its protocol."""
 
 
+class MissingDependencyError(PluginLoadError, ModuleNotFoundError):
+    """A plugin's import needs a module that is not installed; ``command`` installs it.
+
+    ``module`` is the missing top-level module, ``command`` the ``pip install`` line (the plugin
+    distribution's extra that provides it, when it declares one).
+    """
+
+    def __init__(self, message: str, *, module: str, command: str) -> None:
+        super().__init__(message, name=module)
+        self.module = module
+        self.command = command
+
+
 class DuplicatePluginError(PluginError):
     """Two distributions register the same plugin name in one family."""
 

@@ -19,11 +19,13 @@ from stevedore.extension import Extension
 from qadapt.errors import (
     ArgumentTypeError,
     DuplicatePluginError,
+    MissingDependencyError,
     PluginError,
     PluginLoadError,
     UnknownPluginError,
     shorten,
 )
+from qadapt.install_hints import install_hint
 from qadapt.protocols import API_VERSION, BASE_CLASSES, REQUIRED_MEMBERS, Backend, Method
 
 Family = Literal["backends", "methods"]
@@ -133,6 +135,8 @@ def load(family: Family, name: str) -> type:
         UnknownPluginError: nothing installed has that name (the message lists what is installed).
         DuplicatePluginError: two distributions register that name.
         PluginLoadError: the plugin failed to import, or does not satisfy the protocol.
+        MissingDependencyError: (a PluginLoadError) its import needs a module that is not
+            installed; the message gives the ``pip install`` command.
     """
     family = _check_family(family)
     if not isinstance(name, str):
@@ -157,10 +161,15 @@ def load(family: Family, name: str) -> type:
     except PluginError:
         raise
     except Exception as exc:  # a plugin's import may raise anything; report it, with its origin
-        raise PluginLoadError(
-            f"{family[:-1]} plugin {name!r} (distribution {entry.distribution} {entry.version}, "
-            f"{entry.value}) failed to load: {type(exc).__name__}: {exc}"
-        ) from exc
+        where = f"{family[:-1]} plugin {name!r} (distribution {entry.distribution} {entry.version}, {entry.value})"
+        hint = install_hint(entry.distribution, exc)
+        if hint is not None:
+            raise MissingDependencyError(
+                f"{where} needs the module {hint.module!r}, which is not installed. Install it with: {hint.command}",
+                module=hint.module,
+                command=hint.command,
+            ) from exc
+        raise PluginLoadError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
     _check_protocol(family, plugin, entry)
     plugin.name = name
     _loaded[key] = plugin

@@ -70,11 +70,23 @@ def _method(method: Method | str | type, options: Any = None) -> Method:
     return _build("methods", method, options)
 
 
+def _plain_tensors(tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """``tensors`` with wrapper subclasses (torchao's quantized tensors) replaced by their inner tensors."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    for tensor in tensors:
+        if is_traceable_wrapper_subclass(tensor):
+            names, _ = tensor.__tensor_flatten__()
+            yield from _plain_tensors(getattr(tensor, name) for name in names)
+        else:
+            yield tensor
+
+
 def _shares_memory(out: torch.Tensor, tensors: Iterable[torch.Tensor]) -> bool:
     """True when ``out``'s memory overlaps any of ``tensors``' (views and aliases included)."""
     start = out.untyped_storage().data_ptr()
     stop = start + out.untyped_storage().nbytes()
-    for tensor in tensors:
+    for tensor in _plain_tensors(tensors):
         other = tensor.untyped_storage()
         if other.nbytes() and start < other.data_ptr() + other.nbytes() and other.data_ptr() < stop:
             return True

@@ -27,8 +27,14 @@ BACKENDS: list[tuple[str, dict]] = [
     ("bnb8", {}),
     ("bnb4", {"quant_type": "nf4"}),
     ("bnb4", {"quant_type": "fp4"}),
+    ("torchao", {"config": "int8"}),
+    ("torchao", {"config": "int4", "group_size": 32}),
+    # torchao's NF4 needs the block count to be a multiple of the scaler block (default 256):
+    # the test layers (32x16, 64x48, 192x96) have 8, 48 and 288 blocks of 64.
+    ("torchao", {"config": "nf4", "nf4_scaler_block_size": 8}),
+    ("hqq", {"nbits": 4, "group_size": 64}),
 ]
-BACKEND_IDS = ["none", "bnb8", "bnb4-nf4", "bnb4-fp4"]
+BACKEND_IDS = ["none", "bnb8", "bnb4-nf4", "bnb4-fp4", "torchao-int8", "torchao-int4", "torchao-nf4", "hqq-4bit"]
 
 
 def tensor_checksum(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:

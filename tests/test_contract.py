@@ -16,13 +16,23 @@ from qadapt.protocols import PluginOptions, QuantizedWeight
 from qadapt.reference import FloatBackend
 
 BUILTIN_METHODS = [name for name in ("oft", "randlora", "lora", "dora") if name in registry.names("methods")]
+LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]
+LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
+
+
+#: Bounds a library's own quantizer cannot meet, by (backend id, check), with the reason.
+#: torchao's symmetric intx quantizer scales a group's largest magnitude to 7.5 steps and rounds it to
+#: code -8 or 7, so the dequantized weight's largest magnitude is 8 steps: a fresh requantize picks a
+#: scale 8/7.5 larger and re-rounds every code (drift about the quantization error itself, 0.067 here).
+CHECK_OPTIONS = {("torchao-int4", "check_requantize_round_trip"): {"max_relative_error": 0.1}}
 
 
 @pytest.mark.parametrize("check", testing.backend_checks(), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("spec", BACKENDS, ids=BACKEND_IDS)
 def test_builtin_backends_pass_the_contract(check, spec):
     name, options = spec
-    check(registry.backend_class(name)(options))
+    backend_id = BACKEND_IDS[BACKENDS.index(spec)]
+    check(registry.backend_class(name)(options), **CHECK_OPTIONS.get((backend_id, check.__name__), {}))
 
 
 @pytest.mark.parametrize("check", testing.method_checks(), ids=lambda c: c.__name__)
@@ -34,6 +44,13 @@ def test_methods_pass_the_contract(check, method):
 @pytest.mark.parametrize("method", ["rowscale", *BUILTIN_METHODS])
 def test_methods_pass_the_contract_on_bnb4(method):
     testing.check_method(method, backend="bnb4")
+
+
+@pytest.mark.parametrize("method", ["rowscale", *BUILTIN_METHODS])
+@pytest.mark.parametrize("spec", LIBRARY_BACKENDS, ids=LIBRARY_BACKEND_IDS)
+def test_methods_pass_the_contract_on_torchao_and_hqq(method, spec):
+    name, options = spec
+    testing.check_method(method, backend=registry.backend_class(name)(options))
 
 
 def test_third_party_backend_passes_the_contract():

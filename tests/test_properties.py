@@ -35,7 +35,16 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-BACKENDS = [("none", {}), ("bnb8", {}), ("bnb4", {"quant_type": "nf4"}), ("bnb4", {"quant_type": "fp4"})]
+BACKENDS = [
+    ("none", {}),
+    ("bnb8", {}),
+    ("bnb4", {"quant_type": "nf4"}),
+    ("bnb4", {"quant_type": "fp4"}),
+    ("torchao", {"config": "int8"}),
+    ("torchao", {"config": "int4"}),
+    ("torchao", {"config": "nf4"}),
+    ("hqq", {}),
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 #: Relative error of computing in a 16-bit dtype instead of float32 (inputs, weights and output rounded).
 DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -95,15 +104,48 @@ def perturb(layer: qadapt.QuantAdapterLinear, seed: int) -> None:
             adapter.magnitude.mul_(1 + 0.05 * torch.randn(adapter.magnitude.shape, generator=generator))
 
 
+def hqq_options_that_fit(in_features: int, out_features: int) -> list[dict]:
+    """hqq settings whose groups and bit packing fit the layer (hqq's backend says which do)."""
+    from qadapt_hqq import HqqBackend
+
+    fits = []
+    for nbits in (8, 4, 3):
+        for group_size in (None, 8, 16, 64):
+            for axis in (0, 1):
+                options = {"nbits": nbits, "group_size": group_size, "axis": axis}
+                try:
+                    HqqBackend(options).check_layer(in_features, out_features)
+                except qadapt.ConfigError:
+                    continue
+                fits.append(options)
+    return fits
+
+
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
-    in_features = draw(st.integers(1, 300))
-    out_features = draw(st.integers(1, 300))
     backend, backend_options = draw(st.sampled_from(BACKENDS))
     backend_options = dict(backend_options)
+    config = backend_options.get("config")
+    # torchao's NF4 and hqq need sizes their blocks divide: in_features a multiple of 8 (16 for nf4).
+    step = {"nf4": 16}.get(config, 8 if backend == "hqq" else 1)
+    # torchao's int8/intx quantizer fails on groups of one weight (the backend refuses in_features=1).
+    smallest = 2 if backend == "torchao" else 1
+    in_features = draw(st.integers(smallest, 300 // step)) * step
+    out_features = draw(st.integers(1, 300))
+    numel = in_features * out_features
     if backend == "bnb4":
         backend_options["blocksize"] = draw(st.sampled_from([32, 64, 128]))
         backend_options["compress_statistics"] = draw(st.booleans())
+    elif config == "int4":
+        backend_options["group_size"] = draw(st.sampled_from([None, *(g for g in (8, 16, 32) if in_features % g == 0)]))
+        backend_options["mapping"] = draw(st.sampled_from(["symmetric", "asymmetric"]))
+    elif config == "nf4":
+        block = draw(st.sampled_from([g for g in (16, 32, 64) if numel % g == 0]))
+        blocks = numel // block
+        scaler = draw(st.sampled_from([d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if blocks % d == 0]))
+        backend_options.update(nf4_block_size=block, nf4_scaler_block_size=scaler)
+    elif backend == "hqq":
+        backend_options.update(draw(st.sampled_from(hqq_options_that_fit(in_features, out_features))))
     method = draw(st.sampled_from(["oft", "randlora", "lora", "dora", "add_delta", "mix_input"]))
     if method == "oft":
         # OFT needs a block size that divides in_features; small blocks keep the example fast.
@@ -214,7 +256,7 @@ def test_exact_unmerge_is_the_identity(case: Case):
 
 
 #: Largest merge error each backend may report on these layers (quantization step / weight size).
-MAX_MERGE_ERROR = {"none": 1e-2, "bnb8": 0.05, "bnb4": 0.25}
+MAX_MERGE_ERROR = {"none": 1e-2, "bnb8": 0.05, "bnb4": 0.25, "torchao": 0.25, "hqq": 0.25}
 
 
 @SETTINGS

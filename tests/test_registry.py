@@ -172,7 +172,8 @@ def test_import_qadapt_imports_no_plugin_and_no_bitsandbytes():
     out = _run_isolated(
         "import sys, qadapt\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('bitsandbytes', 'qadapt_bnb', 'qadapt_oft', 'qadapt_randlora', 'qadapt_tinyplugin', 'peft')))"
+        "('bitsandbytes', 'qadapt_bnb', 'qadapt_oft', 'qadapt_randlora', 'qadapt_tinyplugin', 'peft', "
+        "'torchao', 'qadapt_torchao', 'hqq', 'qadapt_hqq')))"
     )
     assert out == "[]"
 
@@ -191,7 +192,18 @@ def test_core_source_never_names_a_plugin_package():
     core = Path(qadapt.__file__).parent
     for path in core.rglob("*.py"):
         text = path.read_text()
-        for plugin_package in ("qadapt_bnb", "qadapt_oft", "qadapt_randlora", "qadapt_scales", "bitsandbytes"):
+        for plugin_package in (
+            "qadapt_bnb",
+            "qadapt_oft",
+            "qadapt_randlora",
+            "qadapt_lora",
+            "qadapt_scales",
+            "qadapt_torchao",
+            "qadapt_hqq",
+            "bitsandbytes",
+            "torchao",
+            "hqq",
+        ):
             assert f"import {plugin_package}" not in text and f"from {plugin_package}" not in text, path
 
 
@@ -221,5 +233,16 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         registered = archive.read(entry_points).decode()
     assert {"qadapt", "qadapt_bnb"} <= top_level
-    assert top_level <= {"qadapt", "qadapt_bnb", "qadapt_lora", "qadapt_oft", "qadapt_randlora", "qadapt_scales"}
+    assert top_level <= {
+        "qadapt",
+        "qadapt_bnb",
+        "qadapt_hqq",
+        "qadapt_lora",
+        "qadapt_oft",
+        "qadapt_randlora",
+        "qadapt_scales",
+        "qadapt_torchao",
+    }
+    assert {"qadapt_torchao", "qadapt_hqq"} <= top_level
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
+    assert "torchao = qadapt_torchao.backend:TorchaoBackend" in registered and "hqq = qadapt_hqq.backend" in registered
