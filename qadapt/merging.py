@@ -9,7 +9,8 @@ The path per layer:
 1. the method may merge straight into the storage (``Method.merge_storage``: exact, e.g. scales);
 2. otherwise dequantize to float32, ``W' = method.merge_weight(W)``, check it is finite, and
    requantize: ``"keep"`` (the layer's scales kept bit for bit, codes chosen; the default where the
-   backend can), ``"calibrated"`` (codes and scales chosen against the layer's input statistics),
+   backend can; a fresh requantize is tried too and kept when it lands closer, as it does for
+   changes that leave a block's range), ``"calibrated"`` (codes and scales chosen against the layer's input statistics),
    or ``"fresh"`` (the backend's plain quantizer: new scales, what bitsandbytes and PEFT do);
 3. a guard: if the merged layer is farther from the adapted layer than the unmerged base was
    (in the output metric ``H`` when calibration is given, else in weight space), the old storage
@@ -195,6 +196,15 @@ def merge_storage(
     if new is None:
         path = resolve_mode(backend, requantize_mode, stats)
         new = requantize(backend, merged, storage, path, stats)
+        if path == "keep":
+            # Kept scales win for the small moves trained adapters make (a fresh quantizer rescales
+            # whole blocks); a change that leaves a block's range is clipped by them, where new
+            # scales follow it. Both candidates are cheap: keep the closer one in the fit metric.
+            fit = None if stats is None else stats.hessian
+            fresh = requantize(backend, merged, storage, "fresh", stats)
+            keep_err = output_sq_error(backend.dequantize(new).float() - merged, fit)
+            if output_sq_error(backend.dequantize(fresh).float() - merged, fit) < keep_err:
+                new, path = fresh, "fresh"
     tuned = None
     if tune_steps > 0 and stats is not None and path != "storage":
         tuned = tune_group_scales(backend, new, merged, stats.hessian, tune_steps)
