@@ -144,6 +144,24 @@ class QuantAdapterLinear(nn.Module):
         # Start in the base layer's mode: some backends' forward depends on it (bnb8).
         self.train(base.training)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantAdapterLinear:
+        # Every module-level conversion (.half(), .float(), .to(dtype), .type(), .cuda(), ...) runs
+        # through here. A cast must not convert the quantized format's tensors by value (packed
+        # codes in a float container would be garbled) nor integer tensors (.type() converts those
+        # too: codes, adapter index buffers), so they keep their bits and only follow a device move.
+        fixed = {f"base.{name}": t for name, t in self.backend.dtype_fixed_tensors(self.base).items()}
+        fixed.update(
+            (name, t) for name, t in [*self.named_parameters(), *self.named_buffers()] if not t.is_floating_point()
+        )
+        kept = {name: t.data for name, t in fixed.items()}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            current = self.get_parameter(name) if _is_parameter(self, name) else self.get_buffer(name)
+            if current.dtype != old.dtype:
+                current.data = old.to(current.device)
+        return self
+
+    # ----------------------------------------------------------------- adapters
     # ----------------------------------------------------------------- adapters
 
     def add_adapter(
@@ -353,6 +371,11 @@ class QuantAdapterLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"backend={self.backend.describe()}, adapters={{{methods}}}, active={self.active_adapter!r}{state}"
         )
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in (module.get_submodule(owner) if owner else module)._parameters
 
 
 def _check_not_empty(in_features: int, out_features: int) -> None:
