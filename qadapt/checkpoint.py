@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qadapt import registry
+from qadapt import distributed, registry
 from qadapt.config import AUTO_BACKEND, PluginSpec, QAdaptConfig, validate_config
 from qadapt.errors import CheckpointError, QAdaptError
 from qadapt.hooks import interop_hooks
@@ -210,14 +210,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_na
         raise CheckpointError("this model has no qadapt layers; there is no adapter to save")
     name = _adapter_name(layers, adapter_name)
     description = _describe(model, name)
-    stored, aliases = dedupe_tensors(adapter_tensors(model, name))
-    description["aliases"] = aliases
-    header = json.dumps(description, sort_keys=True)
+    tensors = adapter_tensors(model, name)
+    # A sharded (FSDP2) model: every rank joins the gather, rank 0 writes the whole adapter.
+    sharded = any(distributed.is_sharded(t) for t in tensors.values())
+    tensors = {key: distributed.full(t) for key, t in tensors.items()}
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata={_HEADER_KEY: header}))
-    text = json.dumps(description, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    if distributed.is_writer(sharded):
+        stored, aliases = dedupe_tensors(tensors)
+        description["aliases"] = aliases
+        header = json.dumps(description, sort_keys=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata={_HEADER_KEY: header}))
+        text = json.dumps(description, indent=2, sort_keys=True) + "\n"
+        atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    distributed.barrier(sharded)
     return directory
 
 
@@ -426,5 +432,5 @@ def _copy_in(model: nn.Module, ckpt: AdapterCheckpoint, name: str) -> None:
         if key.startswith(SHARED_PREFIX):
             shared[key[len(SHARED_PREFIX) :]] = ckpt.tensors[key]
         else:
-            target.copy_(ckpt.tensors[key])
+            distributed.assign(target, ckpt.tensors[key])
     load_shared_tensors(model, name, shared)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qadapt import registry
+from qadapt import distributed, registry
 from qadapt.errors import (
     AdapterStateError,
     ArgumentTypeError,
@@ -296,6 +296,14 @@ class QuantAdapterLinear(nn.Module):
                 "(its forward is kept with the adapter applied on top)"
             )
 
+    def _check_not_sharded(self, doing: str) -> None:
+        if distributed.any_sharded(self):
+            raise CapabilityError(
+                f"cannot {doing} a sharded layer (FSDP2 / DTensor parameters): each rank holds only a shard "
+                "of the quantized weight. save_adapter() on every rank (rank 0 writes the whole adapter), then "
+                "load_adapter() and merge on an unsharded model (docs/training.md)"
+            )
+
     @torch.no_grad()
     def merge(self, safe: bool = True, adapter_name: str | None = None, keep_snapshot: bool = True) -> MergeResult:
         """Fold an adapter into the quantized weight.
@@ -314,6 +322,7 @@ class QuantAdapterLinear(nn.Module):
                 f"adapter {self._merged.adapter!r} is already merged into this layer; unmerge() first"
             )
         self._check_can_merge()
+        self._check_not_sharded("merge")
         if keep_snapshot and not self.backend.capabilities.snapshot:
             raise CapabilityError(
                 f"backend {self.backend.name!r} cannot snapshot its storage; merge with keep_snapshot=False"
@@ -345,6 +354,7 @@ class QuantAdapterLinear(nn.Module):
             raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
         if self._merged is None:
             raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
+        self._check_not_sharded("unmerge")
         state = self._merged
         if mode == "exact":
             if state.snapshot is None:
