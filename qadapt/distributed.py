@@ -36,7 +36,8 @@ def assign(target: torch.Tensor, value: torch.Tensor) -> None:
     communication.
     """
     if is_sharded(target):
-        target.copy_(distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None))
+        shard = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(shard)
     else:
         target.copy_(value)
 

@@ -114,3 +114,17 @@ def test_a_merge_after_sharded_training_equals_a_single_process_merge(runs, stor
     rank0 = runs[storage]["ranks"][0]
     assert rank0["merged_from_checkpoint"] == rank0["merged_in_memory"]
     assert "cannot merge a sharded layer" in rank0["merge_on_shards"]
+
+
+def test_a_bnb8_layer_that_lost_its_int8_params_refuses_to_run():
+    # What sharding does to a bnb8 layer: the Int8Params object, which carries the row scales,
+    # is replaced by a plain parameter holding the int8 codes.
+    from tiny_models import token_ids
+
+    model = qadapt.wrap(
+        tiny_llama(), method="oft", backend="bnb8", targets=["q_proj"], method_options={"block_size": 16}
+    )
+    base = model.model.layers[0].self_attn.q_proj.base
+    base.weight = torch.nn.Parameter(base.weight.data.clone(), requires_grad=False)
+    with pytest.raises(qadapt.CapabilityError, match="bnb8 layers cannot be sharded"):
+        model(token_ids())
