@@ -160,9 +160,8 @@ def main() -> None:
             print(f"step {step}: sharded mean {m:.6f}  single {s:.6f}  diff {abs(m - s):.2e}")
         print(f"max adapter difference sharded vs single: {max_diff:.2e}")
         print(f"peak GPU memory per rank (MiB): {[round(p, 1) for p in peaks]}  single process: {single_peak:.1f}")
-        print(
-            f"resume: replayed {resumed_losses}  uninterrupted {losses[half:]}  equal: {resumed_losses == losses[half:]}"
-        )
+        same = resumed_losses == losses[half:]
+        print(f"resume: replayed {resumed_losses}  uninterrupted {losses[half:]}  equal: {same}")
     dist.destroy_process_group()
 
 
