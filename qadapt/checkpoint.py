@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
-from qadapt import registry
+from qadapt import distributed, registry
 from qadapt.checkpoint_files import (
     CONFIG_DIGEST_KEY,
     MAX_CONFIG_BYTES,
@@ -271,15 +271,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_na
         raise CheckpointError("this model has no qadapt layers; there is no adapter to save")
     name = _adapter_name(layers, adapter_name)
     description = _describe(model, name)
-    stored, aliases = dedupe_tensors(adapter_tensors(model, name))
-    description["aliases"] = aliases
-    header = json.dumps(description, sort_keys=True)
-    config_bytes = (json.dumps(description, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    metadata = {_HEADER_KEY: header, CONFIG_DIGEST_KEY: sha256(config_bytes)}
+    tensors = adapter_tensors(model, name)
+    # A sharded (FSDP2) model: every rank joins the gather, rank 0 writes the whole adapter.
+    sharded = any(distributed.is_sharded(t) for t in tensors.values())
+    tensors = {key: distributed.full(t) for key, t in tensors.items()}
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata=metadata))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_bytes(config_bytes))
+    if distributed.is_writer(sharded):
+        stored, aliases = dedupe_tensors(tensors)
+        description["aliases"] = aliases
+        header = json.dumps(description, sort_keys=True)
+        config_bytes = (json.dumps(description, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        metadata = {_HEADER_KEY: header, CONFIG_DIGEST_KEY: sha256(config_bytes)}
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata=metadata))
+        atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_bytes(config_bytes))
+    distributed.barrier(sharded)
     return directory
 
 
@@ -549,5 +555,5 @@ def _copy_in(model: nn.Module, ckpt: AdapterCheckpoint, name: str) -> None:
         if key.startswith(SHARED_PREFIX):
             shared[key[len(SHARED_PREFIX) :]] = ckpt.tensors[key]
         else:
-            target.copy_(ckpt.tensors[key])
+            distributed.assign(target, ckpt.tensors[key])
     load_shared_tensors(model, name, shared)

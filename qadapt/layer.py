@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qadapt import registry
+from qadapt import distributed, registry
 from qadapt.config import check_adapter_name
 from qadapt.errors import (
     AdapterStateError,
@@ -153,6 +153,24 @@ class QuantAdapterLinear(nn.Module):
         # Start in the base layer's mode: some backends' forward depends on it (bnb8).
         self.train(base.training)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantAdapterLinear:
+        # Every module-level conversion (.half(), .float(), .to(dtype), .type(), .cuda(), ...) runs
+        # through here. A cast must not convert the quantized format's tensors by value (packed
+        # codes in a float container would be garbled) nor integer tensors (.type() converts those
+        # too: codes, adapter index buffers), so they keep their bits and only follow a device move.
+        fixed = {f"base.{name}": t for name, t in self.backend.dtype_fixed_tensors(self.base).items()}
+        fixed.update(
+            (name, t) for name, t in [*self.named_parameters(), *self.named_buffers()] if not t.is_floating_point()
+        )
+        kept = {name: t.data for name, t in fixed.items()}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            current = self.get_parameter(name) if _is_parameter(self, name) else self.get_buffer(name)
+            if current.dtype != old.dtype:
+                current.data = old.to(current.device)
+        return self
+
+    # ----------------------------------------------------------------- adapters
     # ----------------------------------------------------------------- adapters
 
     def add_adapter(
@@ -289,6 +307,14 @@ class QuantAdapterLinear(nn.Module):
                 "(its forward is kept with the adapter applied on top)"
             )
 
+    def _check_not_sharded(self, doing: str) -> None:
+        if distributed.any_sharded(self):
+            raise CapabilityError(
+                f"cannot {doing} a sharded layer (FSDP2 / DTensor parameters): each rank holds only a shard "
+                "of the quantized weight. save_adapter() on every rank (rank 0 writes the whole adapter), then "
+                "load_adapter() and merge on an unsharded model (docs/training.md)"
+            )
+
     @torch.no_grad()
     def merge(
         self,
@@ -322,6 +348,7 @@ class QuantAdapterLinear(nn.Module):
         if not self.adapters_enabled:
             raise AdapterStateError(DISABLED_MERGE)
         self._check_can_merge()
+        self._check_not_sharded("merge")
         if keep_snapshot and not self.backend.capabilities.snapshot:
             raise CapabilityError(
                 f"backend {self.backend.name!r} cannot snapshot its storage; merge with keep_snapshot=False"
@@ -364,6 +391,7 @@ class QuantAdapterLinear(nn.Module):
             raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {shorten(mode)}")
         if self._merged is None:
             raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
+        self._check_not_sharded("unmerge")
         state = self._merged
         adapter = self.adapters[state.adapter]
         if mode == "exact":
@@ -462,6 +490,11 @@ def _merged_name(value: Any, key: str) -> str:
         except UnicodeDecodeError:
             pass
     raise AdapterStateError(f"{key} must hold an adapter name as UTF-8 bytes (a uint8 tensor)")
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in (module.get_submodule(owner) if owner else module)._parameters
 
 
 def _check_not_empty(in_features: int, out_features: int) -> None:

@@ -237,6 +237,19 @@ class Backend(_Plugin):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement with_group_scales")
 
+    def dtype_fixed_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The owned module's parameters and buffers whose dtype is part of the quantized format.
+
+        Keys are names as in ``module.named_parameters()`` / ``named_buffers()``. A module-level
+        conversion (``.half()``, ``.to(dtype)``, ``.type()``, ..., all through ``nn.Module._apply``)
+        of a :class:`~qadapt.layer.QuantAdapterLinear` moves these between devices but keeps their
+        dtype and bits. Default: every parameter and buffer that is not floating point (integer
+        codes). A backend that packs codes into a float container (bitsandbytes' ``quant_storage``)
+        adds that container here.
+        """
+        named = [*module.named_parameters(), *module.named_buffers()]
+        return {name: t for name, t in named if not t.dtype.is_floating_point and not t.dtype.is_complex}
+
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""
         return self.get_storage(module).clone()

@@ -505,6 +505,65 @@ def check_calibrated_requantize(
     assert got <= baseline * (1 + 1e-5), f"calibrated objective {got:.4g} is above keep-state's {baseline:.4g}"
 
 
+class _Passthrough(Method):
+    """A method that adds nothing: lets a backend check drive a real :class:`QuantAdapterLinear`."""
+
+    def create_adapter(self, in_features: int, out_features: int, shared: nn.Module | None) -> nn.Module:
+        return nn.Module()
+
+    def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: Any) -> torch.Tensor:
+        return base_forward(x)
+
+    def merge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        return weight.clone()
+
+    def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        return weight.clone()
+
+
+#: The module-level conversions a user or a framework applies to a whole model.
+_CASTS: dict[str, Callable[[nn.Module], Any]] = {
+    "half()": lambda m: m.half(),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "double()": lambda m: m.double(),
+    "to(float16)": lambda m: m.to(torch.float16),
+    "to('cpu', bfloat16)": lambda m: m.to("cpu", torch.bfloat16),
+    "type(float16)": lambda m: m.type(torch.float16),
+    "float()": lambda m: m.float(),
+}
+
+
+def check_casts_keep_the_format(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """Module-level casts of a wrapped layer keep :meth:`Backend.dtype_fixed_tensors` bit for bit,
+    and after casting through every dtype and back to float32 the layer computes what it did
+    (up to the float parameters' rounding, e.g. the bias through float16)."""
+    backend = _backend(backend, options)
+    _, module = _quantized(backend, in_features, out_features, seed)
+    layer = QuantAdapterLinear(module, _Passthrough(), backend)
+    x = _input(in_features, seed)
+    with torch.no_grad():
+        expected = layer(x)
+    fixed = {name: t.detach().clone() for name, t in backend.dtype_fixed_tensors(layer.base).items()}
+    for cast, apply in _CASTS.items():
+        apply(layer)
+        now = backend.dtype_fixed_tensors(layer.base)
+        for name, before in fixed.items():
+            after = now[name]
+            same = after.dtype == before.dtype and torch.equal(
+                after.detach().reshape(-1).view(torch.uint8), before.reshape(-1).view(torch.uint8)
+            )
+            assert same, f"{cast} changed the format tensor {name!r} ({before.dtype} -> {after.dtype})"
+    with torch.no_grad():
+        out = layer(x)
+    error = _relative(out, expected)
+    assert bool(torch.isfinite(out).all()) and error < 1e-2, (
+        f"after casting through {', '.join(_CASTS)} the layer's output moved by {error:.2e}: a tensor of the "
+        "quantized format was converted by value (declare it in dtype_fixed_tensors)"
+    )
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
@@ -522,6 +581,7 @@ def backend_checks() -> list[BackendCheck]:
         check_keep_state_requantize,
         check_group_scales,
         check_calibrated_requantize,
+        check_casts_keep_the_format,
     ]
 
 

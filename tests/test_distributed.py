@@ -8,12 +8,10 @@ different from where they started, while the quantized base stayed untouched.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from conftest import model_checksum
@@ -61,45 +59,14 @@ dist.destroy_process_group()
 """
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ddp(tmp_path: Path, method: str, backend: str, options: dict, world: int = 2) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(
         WORKER.format(tests_dir=str(TESTS_DIR), method=method, backend=backend, options=options, steps=STEPS)
     )
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-    }
     outputs = [tmp_path / f"rank{rank}.pt" for rank in range(world)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(world), str(outputs[rank])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=120)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
+    commands = [[sys.executable, str(script), str(rank), str(world), str(outputs[rank])] for rank in range(world)]
+    launch.run_processes(commands, launch.env(), timeout=120)
     return [torch.load(path) for path in outputs]
 
 

@@ -9,14 +9,17 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, hidden_size: int = 64) -> LlamaForCausalLM:
-    """A 2-layer Llama, hidden ``hidden_size`` (MLP twice that), float32, eval mode, seeded init."""
+def tiny_llama(
+    seed: int = 0, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int | None = None
+) -> LlamaForCausalLM:
+    """A ``num_layers``-layer Llama (default 2), hidden ``hidden_size``, MLP ``intermediate_size``
+    (default twice the hidden size), float32, eval mode, seeded init."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from qadapt.errors import AdapterStateError
 from qadapt.protocols import (
     Backend,
     BackendCapabilities,
@@ -85,13 +86,34 @@ def _to_quant_state(storage: QuantizedWeight, shape: tuple[int, ...] | None = No
     )
 
 
+def _quant_state(module: nn.Module) -> bnbF.QuantState:
+    # FSDP2 swaps the Params4bit for a plain (sharded, then all-gathered) Parameter, which has
+    # no quant_state; the module keeps its own reference to the state.
+    state = getattr(module.weight, "quant_state", None)
+    return module.quant_state if state is None else state
+
+
 def _canonical(module: nn.Module) -> None:
     # On CPUs with AVX512-BF16, Linear4bit's own eval forward repacks the weight into a
     # CPU-only layout. Storage, merges and snapshots all use the portable layout.
-    state = module.weight.quant_state
+    state = getattr(module.weight, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
         module.weight.data, module.weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
             module.weight.data, state
+        )
+        module.quant_state = module.weight.quant_state
+
+
+def _check_container(module: nn.Module, weight: torch.Tensor) -> None:
+    """Refuse packed codes whose container was converted by value (their bits are gone)."""
+    expected = getattr(module, "quant_storage", None)
+    if expected is not None and weight.dtype != expected:
+        raise AdapterStateError(
+            f"the 4-bit codes of this layer are stored as {expected} but the weight now is {weight.dtype}: "
+            "something converted the packed codes by value (a cast of the bare Linear4bit, or FSDP "
+            "MixedPrecisionPolicy(param_dtype=...) different from quant_storage); the codes are no longer "
+            "valid. Cast the wrapped model (QuantAdapterLinear keeps the codes), or set quant_storage to "
+            f"{weight.dtype}"
         )
 
 
@@ -136,6 +158,7 @@ class Bnb4Backend(Backend):
             module=layer,
             bnb_quantized=True,
         )
+        layer.quant_state = layer.weight.quant_state
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
@@ -165,16 +188,20 @@ class Bnb4Backend(Backend):
     def features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
+    def dtype_fixed_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        # The packed codes, whatever their container (uint8, or a float quant_storage for FSDP).
+        return {**super().dtype_fixed_tensors(module), "weight": module.weight}
+
     def get_storage(self, module: nn.Module) -> QuantizedWeight:
         _canonical(module)
-        return _to_storage(module.weight.data, module.weight.quant_state)
+        _check_container(module, module.weight)
+        return _to_storage(module.weight.data, _quant_state(module))
 
     def set_storage(self, module: nn.Module, storage: QuantizedWeight) -> None:
         state = _to_quant_state(storage)
         module.weight.data = storage.tensors["data"]
         module.weight.quant_state = state
-        if getattr(module, "quant_state", None) is not None:
-            module.quant_state = state
+        module.quant_state = state
 
     def dequantize(self, storage: QuantizedWeight) -> torch.Tensor:
         # Dequantize as one flat row, then reshape: bitsandbytes 0.50.2's CPU kernel treats a 2-D
@@ -219,11 +246,12 @@ class Bnb4Backend(Backend):
             # bitsandbytes' 4-bit matmul takes 16/32-bit floats; on float64 it silently returns garbage.
             compute = torch.float32
         bias = None if module.bias is None else module.bias.to(compute)
-        state = module.weight.quant_state
+        state = _quant_state(module)
+        _check_container(module, module.weight)
         if x.device.type == "cpu" and state.shape[-1] % state.blocksize != 0:
             # bitsandbytes' CPU matmul dequantizes with the faulty 2-D kernel (see dequantize).
             weight = self.dequantize(self.get_storage(module)).to(compute)
             return F.linear(x.to(compute), weight, bias)
-        out = bnb.matmul_4bit(x.to(compute), module.weight, bias=bias, quant_state=module.weight.quant_state)
+        out = bnb.matmul_4bit(x.to(compute), module.weight, bias=bias, quant_state=state)
         # Autograd through a view of the 4-bit matmul's output can fail; give callers a fresh tensor.
         return out.clone()

@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from qadapt import rounding
+from qadapt.errors import CapabilityError
 from qadapt.protocols import (
     Backend,
     BackendCapabilities,
@@ -163,4 +164,11 @@ class Bnb8Backend(Backend):
         return QuantizedWeight({"CB": storage.tensors["CB"], "SCB": scb})
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(module.weight, bnb.nn.Int8Params):
+            # FSDP replaced the Int8Params object, and the row scales (CB/SCB) it carried with it.
+            raise CapabilityError(
+                f"bnb8's int8 weight became a plain {type(module.weight).__name__}: its row scales were attributes "
+                "of the Int8Params object, so bnb8 layers cannot be sharded (FSDP). Use DDP, or bnb4 with "
+                "quant_storage set to the model's float dtype"
+            )
         return module(x)
