@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from pydantic import Field
 from torch import nn
 
-from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+from qadapt.protocols import Backend, BackendCapabilities, PluginOptions, QuantizedWeight
+from qadapt_bnb.hf_format import bnb_config
 
 
 class Bnb8Options(PluginOptions):
@@ -38,6 +42,8 @@ class Bnb8Backend(Backend):
     """
 
     Options = Bnb8Options
+    capabilities = BackendCapabilities(checkpoint=True)
+    export_targets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"int8": {}}
 
     def owns(self, module: nn.Module) -> bool:
         return (
@@ -88,3 +94,32 @@ class Bnb8Backend(Backend):
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
+
+    # ------------------------------------------------------------ checkpoint layout (hf_format)
+
+    def from_checkpoint(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
+    ) -> QuantizedWeight | None:
+        cb, scb = tensors.get("weight"), tensors.get("SCB")
+        if cb is None or scb is None or cb.dtype != torch.int8 or set(tensors) - {"weight", "SCB", "weight_format"}:
+            return None
+        if "weight_format" in tensors and int(tensors["weight_format"]) != 0:
+            return None  # only row-major (0) is what bitsandbytes still reads
+        return QuantizedWeight({"CB": cb, "SCB": scb})
+
+    def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return {
+            "weight": storage.tensors["CB"],
+            "SCB": storage.tensors["SCB"],
+            "weight_format": torch.tensor(0, dtype=torch.uint8),
+        }
+
+    def checkpoint_config(
+        self, storage: QuantizedWeight, base_config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        kept = base_config is not None and base_config.get("quant_method") == "bitsandbytes"
+        fields = {} if kept else {"llm_int8_threshold": self.options.threshold}
+        return bnb_config(8, base_config, **fields)
+
+    def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
+        return {}
