@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,8 @@ def export_targets() -> dict[str, Target]:
 
 
 def _resolve_target(to: str, backend_options: Mapping[str, Any] | None) -> Target:
+    if to in FLOAT_TARGETS and not backend_options:
+        return Target(to, dtype=FLOAT_TARGETS[to])  # no plugin is loaded for a float target
     targets = export_targets()
     if to not in targets:
         raise ConfigError(f"--to must be one of {', '.join(sorted(targets))}, got {to!r}")
@@ -165,8 +167,21 @@ def _checkpoint_backends(first: str | None) -> list[Backend]:
     return found
 
 
+class _Readers:
+    """The backends that read checkpoint layers, loaded on first need (a float export loads none)."""
+
+    def __init__(self, first: str | None) -> None:
+        self.first = first
+        self._backends: list[Backend] | None = None
+
+    def __iter__(self) -> Iterator[Backend]:
+        if self._backends is None:
+            self._backends = _checkpoint_backends(self.first)
+        return iter(self._backends)
+
+
 def _read_storage(
-    group: _Group, tensors: Mapping[str, torch.Tensor], backends: list[Backend], config: Mapping[str, Any] | None
+    group: _Group, tensors: Mapping[str, torch.Tensor], backends: _Readers, config: Mapping[str, Any] | None
 ) -> tuple[Backend, QuantizedWeight]:
     rel = {k: tensors[e.key] for k, e in group.entries.items()}
     for backend in backends:
@@ -242,7 +257,7 @@ class _Plan:
     base_config: dict[str, Any]
     base_qc: dict[str, Any] | None
     model_dtype: torch.dtype
-    readers: list[Backend]
+    readers: _Readers
     largest: TensorEntry
     cap: int
     peak: _Step
@@ -292,7 +307,7 @@ def _plan(
                 f"target {target.name!r}: backend {target.backend!r} cannot write checkpoints (its capabilities do not "
                 "include checkpoint); export to a float target (bf16, fp16, float32) instead"
             )
-    readers = _checkpoint_backends(target.backend)
+    readers = _Readers(target.backend)
     adapted = set(adapter.layers)
     # Quantized layers with the same key layout share a format (one quantization_config per checkpoint);
     # a layer is read here only when its shape is needed (it is processed, not copied).
@@ -321,7 +336,12 @@ def _plan(
                 f"target {target.name!r}: options {options} do not validate for backend {target.backend!r}:\n{exc}"
             ) from exc
     linears: set[str] = set()
-    if target_backend is not None and any(g.float_weight and g.module not in adapted for g in groups):
+    # A quantized base's float linears are the ones its quantizer kept in float: they stay so.
+    if (
+        target_backend is not None
+        and base_qc is None
+        and any(g.float_weight and g.module not in adapted for g in groups)
+    ):
         linears = _linear_modules(base, base_config)
     shapes = dict(adapter.shapes)
     steps: list[_Step] = []

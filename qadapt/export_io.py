@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from qadapt.errors import CheckpointError, ConfigError
 
@@ -138,9 +138,12 @@ def read_tensors(entries: Iterable[TensorEntry]) -> dict[str, torch.Tensor]:
         by_file.setdefault(entry.file, []).append(entry.key)
     out: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as handle:
-            for key in keys:
-                out[key] = handle.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in keys:
+                    out[key] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read {', '.join(keys)}: {exc}") from exc
     return out
 
 
