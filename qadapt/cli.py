@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--max-memory",
         default=None,
-        help="working-memory cap, e.g. 2GiB (default: 6 float32 copies "
+        help="working-memory cap, e.g. 2GiB (default: 8 float32 copies "
         "of the largest tensor, at least 256 MiB); checked for every layer before writing",
     )
     exp.add_argument("--max-shard-size", default="50GB", help="tensor bytes per output shard (default: 50GB)")
