@@ -1,5 +1,8 @@
 """qadapt: parameter-efficient adapters on quantized PyTorch layers.
 
+``qadapt.export`` is the export function; the module's other contents are imported with
+``from qadapt.export import ...``.
+
 Methods (OFT, RandLora, ...) and backends (bitsandbytes int8/nf4/fp4, float, ...) are plugins
 found through the entry-point groups ``qadapt.methods`` and ``qadapt.backends``. Importing
 qadapt imports no plugin.
@@ -22,6 +25,7 @@ from qadapt.errors import (
     UnknownPluginError,
     UnsafeMergeError,
 )
+from qadapt.export import ExportReport, export
 from qadapt.layer import MergeResult, QuantAdapterLinear
 from qadapt.model_ops import (
     MergeReport,
@@ -67,6 +71,7 @@ __all__ = [
     "ConfigError",
     "ConfigValidationError",
     "DuplicatePluginError",
+    "ExportReport",
     "GroupLayout",
     "InputError",
     "MergeReport",
@@ -91,6 +96,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "export",
     "list_adapters",
     "load_adapter",
     "load_config",

@@ -431,8 +431,9 @@ def _plan(
     if plan.peak_estimate > cap:
         raise ConfigError(
             f"max_memory={_mib(cap)} is too small: layer {peak.group.module} ({peak.action}, "
-            f"{'x'.join(map(str, peak.shape or ()))}) needs about {_mib(peak.estimate)} plus {_mib(held)} of adapter "
-            f"state held throughout; pass max_memory of at least {_mib(plan.peak_estimate)} (nothing was written)"
+            f"{' -> '.join(map(str, peak.shape or ()))}) needs about {_mib(peak.estimate)} plus {_mib(held)} "
+            f"of adapter state held throughout; pass max_memory of at least {_mib(plan.peak_estimate)} "
+            "(nothing was written)"
         )
     return plan, shared
 
