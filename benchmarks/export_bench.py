@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/qadapt-export-bench")
     parser.add_argument("--child", choices=[*CHILDREN, "compare"], default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--reuse", action="store_true", help="reuse the base and adapter of a kept work directory")
     args = parser.parse_args()
     work = Path(args.work)
     if args.child:
@@ -171,10 +172,16 @@ def main() -> None:
         result["peak_rss"] = _peak_rss()
         print(json.dumps(result))
         return
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    built = run_child("build", work, "--size", args.size)
-    run_child("adapter", work)
+    if args.reuse and (work / "adapter").is_dir():
+        for out in ("out-peft", "out-qadapt"):
+            shutil.rmtree(work / out, ignore_errors=True)
+        built = json.loads((work / "built.json").read_text())
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        built = run_child("build", work, "--size", args.size)
+        (work / "built.json").write_text(json.dumps(built))
+        run_child("adapter", work)
     peft = run_child("peft", work)
     ours = run_child("qadapt", work)
     compared = run_child("compare", work)

@@ -16,6 +16,7 @@ The output is written to a temporary directory beside ``out`` and renamed at the
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -245,6 +246,8 @@ def _float_figures(weight: torch.Tensor, merged: torch.Tensor, out: torch.Tensor
         # stored - before = error + intended
         sums[2] += float(torch.dot(error, intended)) + intended_sq
         sums[3] += intended_sq
+    if not all(math.isfinite(x) for x in sums):
+        return math.nan, None  # the caller's safe check says where
     target_sq, error_sq, overlap, intended_sq = sums
     return (
         (error_sq / target_sq) ** 0.5 if target_sq > 0 else 0.0,
@@ -659,9 +662,14 @@ def _layer(
             out = backend.dequantize(storage).to(target.dtype)
         else:
             weight, merged = float_merged_weight(backend, source.method, adapter, storage)
-            check_finite(merged, f"merging adapter {name!r} into {group.module}")
+            del storage, adapter  # the checkpoint tensors are no longer needed
             out = merged.to(target.dtype)
             error, retained = _float_figures(weight, merged, out)
+            if not math.isfinite(error):
+                # The safe check, where the figures show it is needed (no float64 copy of the layer):
+                # non-finite merged weights, or finite ones the target dtype cannot hold.
+                check_finite(merged, f"merging adapter {name!r} into {group.module}")
+                check_finite(out, f"merging adapter {name!r} into {group.module} (in {target.dtype})")
             results[group.module] = MergeResult(name, error, retained, path="float")
             del weight, merged
         tensors_out = {"weight": out}

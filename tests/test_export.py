@@ -189,3 +189,14 @@ def test_cli_export(bases: dict[str, Path], tmp_path: Path, capsys: pytest.Captu
     assert "model.layers.1.mlp.down_proj" in printed and "14 layer(s) merged" in printed
     assert main(args) == 1
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_non_finite_merge_is_refused_and_nothing_is_written(bases: dict[str, Path], tmp_path: Path):
+    model = qadapt.wrap(loader(bases, "float", "float32")(), method="randlora", method_options=METHODS["randlora"])
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    qadapt.save_adapter(model, tmp_path / "adapter")
+    for target in ("float32", "nf4"):
+        with pytest.raises(qadapt.UnsafeMergeError, match="non-finite"):
+            export(bases["float"], tmp_path / "adapter", tmp_path / "out", to=target, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
