@@ -12,7 +12,7 @@ Reported: wall time of each process (imports included) and of the work alone, ea
 peak RSS (``ru_maxrss``), the ratios qadapt / PEFT, qadapt's peak against the base's largest
 tensor, and the largest difference between the two outputs' tensors (a correctness check).
 
-    python benchmarks/export_bench.py            # ~1.2B parameters, needs ~6 GB RAM and ~8 GB disk
+    python benchmarks/export_bench.py            # ~1.2B parameters: ~5 GB RAM, ~8 GB disk, ~15 min on 2 CPUs
     python benchmarks/export_bench.py --size small
 """
 
