@@ -1,5 +1,8 @@
 """qadapt: parameter-efficient adapters on quantized PyTorch layers.
 
+``qadapt.export`` is the export function; the module's other contents are imported with
+``from qadapt.export import ...``.
+
 Methods (OFT, RandLora, ...) and backends (bitsandbytes int8/nf4/fp4, float, ...) are plugins
 found through the entry-point groups ``qadapt.methods`` and ``qadapt.backends``. Importing
 qadapt imports no plugin.
@@ -24,6 +27,7 @@ from qadapt.errors import (
     UnknownPluginError,
     UnsafeMergeError,
 )
+from qadapt.export import ExportReport, export
 from qadapt.layer import MergeResult, QuantAdapterLinear
 from qadapt.merge_ops import MergeReport, merge, unmerge, unwrap
 from qadapt.merging import RequantizeMode, merge_storage
@@ -67,6 +71,7 @@ __all__ = [
     "ConfigError",
     "ConfigValidationError",
     "DuplicatePluginError",
+    "ExportReport",
     "GroupLayout",
     "InputError",
     "LayerFitError",
@@ -94,6 +99,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "export",
     "list_adapters",
     "load_adapter",
     "load_config",

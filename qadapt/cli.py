@@ -1,4 +1,4 @@
-"""The ``qadapt`` command: ``plugins``, ``validate``, ``schema`` and ``demo``."""
+"""The ``qadapt`` command: ``plugins``, ``validate``, ``schema``, ``demo`` and ``export``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from qadapt.export import REPORT_FILE, export
+
+    report = export(
+        args.base,
+        args.adapter,
+        args.out,
+        to=args.to,
+        max_memory=args.max_memory,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        backend_options=dict(args.backend_option) or None,
+        requantize=args.requantize,
+        progress=not args.no_progress,
+    )
+    rows = [
+        (
+            name,
+            r.path,
+            f"{r.error:.3g}",
+            "-" if r.delta_retained is None else f"{r.delta_retained:.3g}",
+            "yes" if r.reverted else "",
+        )
+        for name, r in report.layers.items()
+    ]
+    if args.verbose:
+        print(format_table(("layer", "path", "rel. error", "change retained", "kept unmerged"), rows))
+    print(report)
+    print(f"per-layer figures: {args.out}/{REPORT_FILE}")
+    return 0
+
+
 def _key_value(text: str) -> tuple[str, object]:
     import yaml
 
@@ -101,6 +133,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method option, e.g. block_size=16 (repeatable; the value is read as YAML)",
     )
     demo.set_defaults(run=_cmd_demo)
+
+    exp = commands.add_parser(
+        "export",
+        help="merge an adapter into a model on disk and write it, layer by layer, within a memory cap",
+        description="Stream BASE (a transformers safetensors model directory, float or bitsandbytes-quantized) "
+        "and ADAPTER (a qadapt checkpoint or PEFT adapter directory) into OUT, a directory that "
+        "AutoModelForCausalLM.from_pretrained(OUT) loads with no extra argument.",
+    )
+    exp.add_argument("base", help="transformers model directory (model.safetensors or a sharded index)")
+    exp.add_argument("adapter", help="qadapt checkpoint directory or PEFT adapter directory")
+    exp.add_argument("out", help="output directory (written beside, then renamed into place)")
+    exp.add_argument(
+        "--to",
+        required=True,
+        help="float32, bf16, fp16, or a target an installed backend declares (nf4, fp4, int8 with bitsandbytes); "
+        "an unknown name lists them",
+    )
+    exp.add_argument(
+        "--max-memory",
+        default=None,
+        help="working-memory cap, e.g. 2GiB (default: 8 float32 copies "
+        "of the largest tensor, at least 256 MiB); checked for every layer before writing",
+    )
+    exp.add_argument("--max-shard-size", default="50GB", help="tensor bytes per output shard (default: 50GB)")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    exp.add_argument(
+        "--requantize",
+        choices=("keep", "fresh", "calibrated"),
+        default=None,
+        help="how merged quantized layers are requantized (default: the merge's default)",
+    )
+    exp.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="an option of the target's backend, e.g. blocksize=128 (repeatable; the value is read as YAML)",
+    )
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp.add_argument("-v", "--verbose", action="store_true", help="print every layer's merge figures")
+    exp.set_defaults(run=_cmd_export)
     return parser
 
 

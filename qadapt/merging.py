@@ -106,8 +106,10 @@ def requantize(
 
 def check_finite(weight: torch.Tensor, what: str) -> None:
     """Raise :class:`UnsafeMergeError` when ``weight`` has NaN/Inf (in the dtype it is in)."""
-    # A sum is non-finite whenever any term is (or on overflow, which the mask then clears).
-    if bool(torch.isfinite(weight.sum(dtype=torch.float64))):
+    # A sum is non-finite whenever any term is (or on overflow, which the mask then clears);
+    # 16-bit weights are summed in float32 so ordinary sizes do not overflow.
+    total = weight.sum() if weight.dtype in (torch.float32, torch.float64) else weight.float().sum()
+    if bool(torch.isfinite(total)):
         return
     finite = torch.isfinite(weight)
     if not bool(finite.all()):

@@ -83,6 +83,10 @@ class BackendCapabilities:
     #: Implements :meth:`Backend.group_layout`, :meth:`Backend.get_group_scales` and
     #: :meth:`Backend.with_group_scales` (per-group scales, read and written).
     group_scales: bool = False
+    #: Implements :meth:`Backend.from_checkpoint`, :meth:`Backend.to_checkpoint`,
+    #: :meth:`Backend.checkpoint_config` and :meth:`Backend.storage_options`: storage to and from
+    #: the key layout transformers writes, so an export streams checkpoint tensors without modules.
+    checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,10 @@ class Backend(_Plugin):
     """
 
     capabilities: ClassVar[BackendCapabilities] = BackendCapabilities()
+    #: Export targets this backend offers (``qadapt export --to NAME``): ``{name: options}``, the
+    #: options applied over the base's own format (e.g. ``{"nf4": {"quant_type": "nf4"}}``).
+    #: Needs ``capabilities.checkpoint``.
+    export_targets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     @abstractmethod
     def owns(self, module: nn.Module) -> bool:
@@ -249,6 +257,41 @@ class Backend(_Plugin):
         """
         named = [*module.named_parameters(), *module.named_buffers()]
         return {name: t for name, t in named if not t.dtype.is_floating_point and not t.dtype.is_complex}
+
+    def from_checkpoint(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
+    ) -> QuantizedWeight | None:
+        """One linear layer's weight as a transformers checkpoint stores it, or None when not ours.
+
+        ``tensors``: the layer's checkpoint tensors, keys relative to the layer (``weight``,
+        ``weight.absmax``, ``SCB``, ...; never ``bias``). ``config``: the checkpoint's
+        ``quantization_config`` (None for a float checkpoint). Needs ``capabilities.checkpoint``.
+        Like :meth:`owns`, returning None lets another backend read the layer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement from_checkpoint")
+
+    def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """``storage`` as transformers saves the layer, keys relative to the layer (the inverse of
+        :meth:`from_checkpoint`; ``from_pretrained`` of the written model must load it bit for bit)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement to_checkpoint")
+
+    def checkpoint_config(
+        self, storage: QuantizedWeight, base_config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The ``quantization_config`` transformers writes into ``config.json`` for a model whose
+        quantized layers are in ``storage``'s format (None: a float model, no entry).
+
+        ``base_config``: the source checkpoint's ``quantization_config`` when it was already in
+        this backend's format; settings the storage does not decide (a compute dtype) are kept.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement checkpoint_config")
+
+    def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
+        """The options (of :attr:`Options`) under which :meth:`quantize` writes ``storage``'s format.
+
+        An export keeps a base layer as it is when the target's options agree with these.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement storage_options")
 
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""

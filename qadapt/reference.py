@@ -6,15 +6,23 @@ the dequantized weight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qadapt.protocols import Backend, BaseLayer, QuantizedWeight
+from qadapt.protocols import Backend, BackendCapabilities, BaseLayer, QuantizedWeight
 
 
 class FloatBackend(Backend):
-    """Keeps ``nn.Linear`` as it is; "requantizing" casts back to the layer's dtype."""
+    """Keeps ``nn.Linear`` as it is; "requantizing" casts back to the layer's dtype.
+
+    In a checkpoint its layers are a plain floating-point ``weight`` (no ``quantization_config``).
+    """
+
+    capabilities = BackendCapabilities(checkpoint=True)
 
     def owns(self, module: nn.Module) -> bool:
         # A quantized subclass of nn.Linear keeps its weight in a Parameter subclass; only a plain
@@ -50,6 +58,25 @@ class FloatBackend(Backend):
         if x.is_meta or not torch.is_autocast_enabled(x.device.type):
             x = x.to(module.weight.dtype)
         return F.linear(x, module.weight, module.bias)
+
+    def from_checkpoint(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
+    ) -> QuantizedWeight | None:
+        weight = tensors.get("weight")
+        if set(tensors) != {"weight"} or weight.dim() != 2 or not weight.dtype.is_floating_point:
+            return None
+        return QuantizedWeight({"weight": weight})
+
+    def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return {"weight": storage.tensors["weight"]}
+
+    def checkpoint_config(
+        self, storage: QuantizedWeight, base_config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        return None
+
+    def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
+        return {}
 
 
 def float_base_layer(weight: torch.Tensor, bias: torch.Tensor | None = None) -> BaseLayer:

@@ -22,6 +22,7 @@ where a plugin needs other sizes (a block size that must divide them, say).
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -564,6 +565,38 @@ def check_casts_keep_the_format(
     )
 
 
+def check_checkpoint_round_trip(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """With ``capabilities.checkpoint``: ``from_checkpoint(to_checkpoint(s))`` gives ``s`` back bit for bit,
+    ``checkpoint_config`` is JSON, ``storage_options`` re-create the format, ``export_targets`` validate."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.checkpoint:
+        assert not backend.export_targets, "export_targets need capabilities.checkpoint"
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    storage = backend.get_storage(module)
+    tensors = backend.to_checkpoint(storage)
+    assert tensors and all(isinstance(t, torch.Tensor) for t in tensors.values()), "to_checkpoint() gave no tensors"
+    assert "bias" not in tensors, "to_checkpoint() must leave the bias to the caller"
+    config = backend.checkpoint_config(storage)
+    json.dumps(config)  # raises when the config is not plain JSON
+    again = backend.from_checkpoint(dict(tensors), config)
+    assert again is not None, "from_checkpoint() does not read what to_checkpoint() wrote"
+    assert again.equal(storage), "from_checkpoint(to_checkpoint(storage)) is not bit-identical"
+    assert backend.checkpoint_config(again, config) == config, "checkpoint_config() changes when read back"
+    options = backend.storage_options(storage)
+    fresh = type(backend)(options).quantize(_float_linear(in_features, out_features, seed + 5))
+    assert backend.storage_options(backend.get_storage(fresh)) == options, (
+        f"quantize() under storage_options() {options} writes another format"
+    )
+    for target, target_options in backend.export_targets.items():
+        type(backend)({**options, **target_options})  # raises when the target's options do not validate
+        assert target.isidentifier() or target.replace("-", "_").isidentifier(), f"export target name {target!r}"
+    foreign = {"weight": torch.zeros(3, 4, dtype=torch.int16), "unrelated.key": torch.zeros(1)}
+    assert backend.from_checkpoint(foreign, None) is None, "from_checkpoint() must return None for a foreign layout"
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
@@ -582,6 +615,7 @@ def backend_checks() -> list[BackendCheck]:
         check_group_scales,
         check_calibrated_requantize,
         check_casts_keep_the_format,
+        check_checkpoint_round_trip,
     ]
 
 

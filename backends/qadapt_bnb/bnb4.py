@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -23,6 +24,7 @@ from qadapt.protocols import (
 )
 from qadapt_bnb import bnb4_codes, fast_quant
 from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
+from qadapt_bnb.hf_format import STATE_KEY_PREFIX, bnb_config, dtype_name
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
 _KERNEL_DTYPES = frozenset(FLOAT_DTYPES.values())
@@ -129,7 +131,11 @@ class Bnb4Backend(Backend):
     """
 
     Options = Bnb4Options
-    capabilities = BackendCapabilities(keep_state=True, calibrated=True, group_scales=True)
+    capabilities = BackendCapabilities(keep_state=True, calibrated=True, group_scales=True, checkpoint=True)
+    export_targets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "nf4": {"quant_type": "nf4"},
+        "fp4": {"quant_type": "fp4"},
+    }
 
     def owns(self, module: nn.Module) -> bool:
         return isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None
@@ -255,3 +261,44 @@ class Bnb4Backend(Backend):
         out = bnb.matmul_4bit(x.to(compute), module.weight, bias=bias, quant_state=state)
         # Autograd through a view of the 4-bit matmul's output can fail; give callers a fresh tensor.
         return out.clone()
+
+    # ------------------------------------------------------------ checkpoint layout (hf_format)
+
+    def from_checkpoint(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
+    ) -> QuantizedWeight | None:
+        data = tensors.get("weight")
+        states = [key for key in tensors if key.startswith(STATE_KEY_PREFIX)]
+        if data is None or len(states) != 1 or any(not key.startswith("weight") for key in tensors):
+            return None
+        # QuantState.from_dict pops from the dict it is given: hand it a copy, keys without "weight.".
+        packed = {key[len("weight.") :]: value for key, value in tensors.items() if key != "weight"}
+        return _to_storage(data, bnbF.QuantState.from_dict(packed, device=data.device))
+
+    def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
+        out = {"weight": storage.tensors["data"]}
+        for key, value in _to_quant_state(storage).as_dict(packed=True).items():
+            out[f"weight.{key}"] = value
+        return out
+
+    def checkpoint_config(
+        self, storage: QuantizedWeight, base_config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        m = storage.meta
+        fields: dict[str, Any] = {
+            "bnb_4bit_quant_type": m["quant_type"],
+            "bnb_4bit_use_double_quant": bool(m["nested"]),
+            "bnb_4bit_quant_storage": dtype_name(storage.tensors["data"].dtype),
+        }
+        if base_config is None or base_config.get("quant_method") != "bitsandbytes":
+            fields["bnb_4bit_compute_dtype"] = self.options.compute_dtype or dtype_name(m["dtype"])
+        return bnb_config(4, base_config, **fields)
+
+    def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
+        m = storage.meta
+        return {
+            "quant_type": m["quant_type"],
+            "blocksize": m["blocksize"],
+            "compress_statistics": bool(m["nested"]),
+            "quant_storage": dtype_name(storage.tensors["data"].dtype),
+        }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -21,6 +23,7 @@ from qadapt.protocols import (
     QuantizedWeight,
 )
 from qadapt_bnb.bnb4_codes import MIN_ROWS_PER_FEATURE, warn_few_rows
+from qadapt_bnb.hf_format import bnb_config
 
 #: bitsandbytes' int8 dequantize multiplies by this float32 constant (1 / 127), after the row scale.
 _INV_127 = torch.tensor(7.874015718698502e-3, dtype=torch.float32)
@@ -72,7 +75,8 @@ class Bnb8Backend(Backend):
     """
 
     Options = Bnb8Options
-    capabilities = BackendCapabilities(keep_state=True, calibrated=True, group_scales=True)
+    capabilities = BackendCapabilities(keep_state=True, calibrated=True, group_scales=True, checkpoint=True)
+    export_targets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"int8": {}}
 
     def owns(self, module: nn.Module) -> bool:
         return (
@@ -172,3 +176,32 @@ class Bnb8Backend(Backend):
                 "quant_storage set to the model's float dtype"
             )
         return module(x)
+
+    # ------------------------------------------------------------ checkpoint layout (hf_format)
+
+    def from_checkpoint(
+        self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
+    ) -> QuantizedWeight | None:
+        cb, scb = tensors.get("weight"), tensors.get("SCB")
+        if cb is None or scb is None or cb.dtype != torch.int8 or set(tensors) - {"weight", "SCB", "weight_format"}:
+            return None
+        if "weight_format" in tensors and int(tensors["weight_format"]) != 0:
+            return None  # only row-major (0) is what bitsandbytes still reads
+        return QuantizedWeight({"CB": cb, "SCB": scb})
+
+    def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return {
+            "weight": storage.tensors["CB"],
+            "SCB": storage.tensors["SCB"],
+            "weight_format": torch.tensor(0, dtype=torch.uint8),
+        }
+
+    def checkpoint_config(
+        self, storage: QuantizedWeight, base_config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        kept = base_config is not None and base_config.get("quant_method") == "bitsandbytes"
+        fields = {} if kept else {"llm_int8_threshold": self.options.threshold}
+        return bnb_config(8, base_config, **fields)
+
+    def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
+        return {}
