@@ -35,6 +35,7 @@ from qadapt.errors import CapabilityError, CheckpointError, ConfigError, PluginE
 from qadapt.export_adapter import AdapterSource, read_adapter_source
 from qadapt.export_io import CHUNK_BYTES, ShardWriter, TensorEntry, model_entries, parse_size, read_tensors
 from qadapt.merging import (
+    LayerFigures,
     MergeResult,
     check_finite,
     check_requantize_mode,
@@ -449,7 +450,7 @@ def _mib(n: int) -> str:
 
 
 @dataclass(frozen=True)
-class ExportReport:
+class ExportReport(LayerFigures):
     """What :func:`export` wrote: the per-layer merge figures and the sizes involved."""
 
     out: str
@@ -463,15 +464,6 @@ class ExportReport:
     peak_estimate: int
     max_memory: int
     largest_tensor_bytes: int
-
-    @property
-    def max_error(self) -> float:
-        return max((r.error for r in self.layers.values()), default=0.0)
-
-    @property
-    def min_delta_retained(self) -> float | None:
-        kept = [r.delta_retained for r in self.layers.values() if r.delta_retained is not None]
-        return min(kept) if kept else None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

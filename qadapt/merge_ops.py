@@ -33,6 +33,7 @@ from qadapt.calibration import (
 from qadapt.errors import AdapterStateError, ArgumentTypeError, CapabilityError, ConfigError, shorten
 from qadapt.layer import DISABLED_MERGE, QuantAdapterLinear, UnmergeMode
 from qadapt.merging import (
+    LayerFigures,
     MergeResult,
     RequantizeMode,
     check_requantize_mode,
@@ -52,7 +53,7 @@ DEFAULT_CALIBRATION_MEMORY = 2 * 1024**3
 
 
 @dataclass(frozen=True)
-class MergeReport:
+class MergeReport(LayerFigures):
     """What a merge did: one :class:`MergeResult` per merged layer, and layers left unmerged.
 
     ``model_kept``: with calibration, the share of the adapters' effect on the model's outputs that
@@ -65,34 +66,6 @@ class MergeReport:
     #: layer name -> why it was not merged (e.g. its backend cannot requantize).
     skipped: dict[str, str] = field(default_factory=dict)
     model_kept: float | None = None
-
-    @property
-    def max_error(self) -> float:
-        """The largest relative merge error over the merged layers (0.0 when none)."""
-        return max((r.error for r in self.layers.values()), default=0.0)
-
-    @property
-    def min_delta_retained(self) -> float | None:
-        """The smallest share of an adapter's change that survived requantization (None: no change)."""
-        kept = [r.delta_retained for r in self.layers.values() if r.delta_retained is not None]
-        return min(kept) if kept else None
-
-    @property
-    def min_kept(self) -> float | None:
-        """The smallest per-layer kept share (see :class:`MergeResult`; None when no adapter changed anything)."""
-        kept = [r.kept for r in self.layers.values() if r.kept is not None]
-        return min(kept) if kept else None
-
-    @property
-    def median_kept(self) -> float | None:
-        """The median per-layer kept share."""
-        kept = sorted(r.kept for r in self.layers.values() if r.kept is not None)
-        return kept[len(kept) // 2] if kept else None
-
-    @property
-    def reverted(self) -> list[str]:
-        """Layers whose requantized merge would have been worse than no adapter (old storage kept)."""
-        return [name for name, r in self.layers.items() if r.reverted]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every figure."""

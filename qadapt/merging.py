@@ -67,6 +67,40 @@ class MergeResult:
         return self.error
 
 
+class LayerFigures:
+    """Summary figures over a ``layers: dict[str, MergeResult]`` attribute (merge and export reports)."""
+
+    layers: dict[str, MergeResult]
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative merge error over the merged layers (0.0 when none)."""
+        return max((r.error for r in self.layers.values()), default=0.0)
+
+    @property
+    def min_delta_retained(self) -> float | None:
+        """The smallest share of an adapter's change that survived requantization (None: no change)."""
+        kept = [r.delta_retained for r in self.layers.values() if r.delta_retained is not None]
+        return min(kept) if kept else None
+
+    @property
+    def min_kept(self) -> float | None:
+        """The smallest per-layer kept share (see :class:`MergeResult`; None when no adapter changed anything)."""
+        kept = [r.kept for r in self.layers.values() if r.kept is not None]
+        return min(kept) if kept else None
+
+    @property
+    def median_kept(self) -> float | None:
+        """The median per-layer kept share."""
+        kept = sorted(r.kept for r in self.layers.values() if r.kept is not None)
+        return kept[len(kept) // 2] if kept else None
+
+    @property
+    def reverted(self) -> list[str]:
+        """Layers whose requantized merge would have been worse than no adapter (old storage kept)."""
+        return [name for name, r in self.layers.items() if r.reverted]
+
+
 def check_requantize_mode(mode: object) -> None:
     """Raise :class:`ConfigError` for an unknown requantize mode."""
     if mode not in REQUANTIZE_MODES:
