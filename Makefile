@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qadapt-installed
 PLUGIN_DIST := tests/plugins/qadapt_tinyplugin
 EXAMPLE_DIST := examples/qadapt_int8sym
 
-.PHONY: demo test bench docs install clean
+.PHONY: demo test bench bench-fidelity docs install clean
 
 LOCAL_DISTS_FILES := $(shell find $(PLUGIN_DIST) $(EXAMPLE_DIST) -name '*.py' -o -name pyproject.toml)
 
@@ -32,6 +32,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+bench-fidelity: $(STAMP)
+	$(BIN)/python benchmarks/fidelity.py
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site

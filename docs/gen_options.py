@@ -24,6 +24,26 @@ def _type_name(annotation: object) -> str:
     return text.replace("|", "\\|")
 
 
+def _number(value: float) -> str:
+    if isinstance(value, int) and value > 4096 and value & (value - 1) == 0:
+        return f"2^{value.bit_length() - 1}"
+    return f"{value:g}"
+
+
+def _bounds(field: typing.Any) -> str:
+    """The numeric bounds of a field (``1 ≤ x ≤ 32``), or ``-`` when it has none."""
+    found = {}
+    for item in field.metadata:
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(item, name, None) is not None:
+                found[name] = getattr(item, name)
+    if not found:
+        return "-"
+    low = f"{_number(found['ge'])} ≤ " if "ge" in found else (f"{_number(found['gt'])} < " if "gt" in found else "")
+    high = f" ≤ {_number(found['le'])}" if "le" in found else (f" < {_number(found['lt'])}" if "lt" in found else "")
+    return f"{low}x{high}"
+
+
 def _default(field: typing.Any) -> str:
     if field.default is PydanticUndefined:
         return "required" if field.default_factory is None else "(computed)"
@@ -37,7 +57,8 @@ def render() -> str:
         "",
         "Generated from the options models of qadapt's built-in plugins (`docs/gen_options.py`).",
         "In a config file they go under `method.options` / `backend.options`; in Python, as",
-        "`method_options=` / `backend_options=`. Unknown keys are rejected. `qadapt schema` prints the",
+        "`method_options=` / `backend_options=`. Unknown keys are rejected, and so is a number outside",
+        "its bounds (NaN and infinities included). `qadapt schema` prints the",
         "same information as JSON Schema for every installed plugin, third-party ones included.",
         "",
     ]
@@ -58,10 +79,11 @@ def render() -> str:
             if not fields:
                 lines += ["No options.", ""]
                 continue
-            lines += ["| option | type | default | meaning |", "|---|---|---|---|"]
+            lines += ["| option | type | bounds | default | meaning |", "|---|---|---|---|---|"]
             for name, field in fields.items():
                 meaning = (field.description or "").replace("|", "\\|")
-                lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {meaning} |")
+                kind, bounds = _type_name(field.annotation), _bounds(field)
+                lines.append(f"| `{name}` | {kind} | {bounds} | {_default(field)} | {meaning} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

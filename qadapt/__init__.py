@@ -15,6 +15,7 @@ from qadapt.errors import (
     ConfigError,
     DuplicatePluginError,
     InputError,
+    LayerFitError,
     MissingDependencyError,
     PluginError,
     PluginLoadError,
@@ -24,19 +25,17 @@ from qadapt.errors import (
     UnsafeMergeError,
 )
 from qadapt.layer import MergeResult, QuantAdapterLinear
+from qadapt.merge_ops import MergeReport, merge, unmerge, unwrap
+from qadapt.merging import RequantizeMode, merge_storage
 from qadapt.model_ops import (
-    MergeReport,
     WrapSummary,
     add_adapter,
     delete_adapter,
     disable_adapters,
     enable_adapters,
     list_adapters,
-    merge,
     set_adapter,
     summary,
-    unmerge,
-    unwrap,
 )
 from qadapt.peft_interop import load_peft_adapter, save_peft_adapter
 from qadapt.protocols import (
@@ -70,6 +69,7 @@ __all__ = [
     "DuplicatePluginError",
     "GroupLayout",
     "InputError",
+    "LayerFitError",
     "MergeReport",
     "MergeResult",
     "Method",
@@ -83,6 +83,7 @@ __all__ = [
     "QAdaptError",
     "QuantAdapterLinear",
     "QuantizedWeight",
+    "RequantizeMode",
     "TargetError",
     "UnknownPluginError",
     "UnsafeMergeError",
@@ -98,6 +99,7 @@ __all__ = [
     "load_config",
     "load_peft_adapter",
     "merge",
+    "merge_storage",
     "plugins",
     "save_adapter",
     "save_peft_adapter",

@@ -7,7 +7,13 @@ A checkpoint directory holds
   description (config, layer shapes, versions). This file is the checkpoint: it is written to a
   temporary file in the same directory and moved into place with ``os.replace``, so an
   interrupted save leaves the previous checkpoint readable.
-* ``qadapt_config.json``: the same description, for people and tools (written after, also atomically).
+* ``qadapt_config.json``: the same description, for people and tools (written after, also
+  atomically). The weights file's header holds this file's SHA-256, so a config left by another
+  save (a concurrent one, or one a full disk cut short) is refused on load, not trusted.
+
+Each file is read once, from one open handle (see :mod:`qadapt.checkpoint_files`). Layer names
+are canonical (without ``torch.compile``'s ``_orig_mod.`` or DDP's ``module.``), and plugins are
+recorded by the entry-point name they are registered under.
 
 What a method can rebuild from its options (e.g. RandLora's random bases when they are not
 saved) is kept out of the adapter's ``state_dict`` by the method (a non-persistent buffer), so it
@@ -21,7 +27,6 @@ import importlib.metadata
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,19 +34,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
 from qadapt import registry
-from qadapt.config import AUTO_BACKEND, PluginSpec, QAdaptConfig, validate_config
-from qadapt.errors import CheckpointError, QAdaptError
+from qadapt.checkpoint_files import (
+    CONFIG_DIGEST_KEY,
+    MAX_CONFIG_BYTES,
+    atomic_write,
+    check_pair,
+    parse_json_object,
+    parse_safetensors,
+    read_once,
+    sha256,
+)
+from qadapt.config import AUTO_BACKEND, PluginSpec, QAdaptConfig, check_adapter_name, validate_config
+from qadapt.errors import AdapterStateError, CheckpointError, QAdaptError, shorten
 from qadapt.hooks import interop_hooks
 from qadapt.layer import QuantAdapterLinear
 from qadapt.model_ops import add_adapter, delete_adapter, list_adapters
-from qadapt.protocols import Method
+from qadapt.protocols import Backend, Method
 from qadapt.targeting import REGEX_PREFIX
-from qadapt.wrap import Surgery, adapter_layers, resolve_wrap_config, shared_state, wrap_resolved
+from qadapt.wrap import (
+    Surgery,
+    adapter_layers,
+    canonical_adapter_layers,
+    canonical_names,
+    resolve_wrap_config,
+    shared_state,
+    wrap_resolved,
+)
 
 WEIGHTS_FILE = "qadapt_adapter.safetensors"
 CONFIG_FILE = "qadapt_config.json"
@@ -68,18 +91,40 @@ def _distribution_of(obj: object) -> dict[str, str]:
     return {"distribution": dists[0], "version": importlib.metadata.version(dists[0])}
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(temporary path)`` and move the result onto ``path`` in one step."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def plugin_name(plugin: Method | Backend) -> str:
+    """The registered name of ``plugin`` (see :func:`qadapt.registry.registered_name`).
+
+    Raises:
+        CheckpointError: its class is not registered, so no checkpoint naming it could be read back.
+    """
+    name = registry.registered_name(plugin)
+    if name is None:
+        kind = "method" if isinstance(plugin, Method) else "backend"
+        raise CheckpointError(
+            f"{kind} {type(plugin).__name__} is not a registered qadapt plugin, so a checkpoint naming it could "
+            f"never be loaded; {registry.registration_hint(plugin)}"
+        )
+    return name
+
+
+def mismatch_problem(
+    key: str, saved: torch.Tensor, expected: torch.Tensor, where: str = "the checkpoint"
+) -> str | None:
+    """Why tensor ``saved`` cannot be copied into ``expected`` (shape or dtype), or None.
+
+    Floating-point values may change precision (an adapter saved from a ``model.half()``); any
+    other dtype must match exactly, and a conversion may not turn finite values into infinities.
+    """
+    if tuple(saved.shape) != tuple(expected.shape):
+        return f"tensor {key!r} has shape {tuple(saved.shape)} in {where}, {tuple(expected.shape)} in the model"
+    if saved.dtype == expected.dtype:
+        return None
+    if not (saved.dtype.is_floating_point and expected.dtype.is_floating_point):
+        return f"tensor {key!r} has dtype {saved.dtype} in {where}, the model's adapter holds {expected.dtype}"
+    finite = torch.isfinite(saved)
+    if bool((finite & ~torch.isfinite(saved.to(expected.dtype))).any()):
+        return f"tensor {key!r} holds values that overflow the model's {expected.dtype} ({saved.dtype} in {where})"
+    return None
 
 
 def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -124,6 +169,19 @@ def _method_of(model: nn.Module, adapter_name: str) -> Method | None:
     )
 
 
+def refuse_merged(model: nn.Module, doing: str) -> None:
+    """Raise :class:`AdapterStateError` when an adapter is merged anywhere in ``model``.
+
+    Writing an adapter's tensors while it is merged would leave the base computing the old merge.
+    """
+    merged = [(name, layer.merged_adapter) for name, layer in adapter_layers(model) if layer.merged]
+    if merged:
+        raise AdapterStateError(
+            f"cannot {doing} while adapter {merged[0][1]!r} is merged into {len(merged)} layer(s) "
+            f"(first: {merged[0][0]}); qadapt.unmerge(model) first"
+        )
+
+
 def shared_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The tensors of the adapter's shared method state that a checkpoint stores (see :mod:`qadapt.hooks`)."""
     shared = shared_state(model).get(adapter_name)
@@ -151,7 +209,7 @@ def load_shared_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, 
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """Every tensor of adapter ``adapter_name``: ``<layer>.<key>`` per layer and ``__shared__.<key>``."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model):
+    for name, layer in canonical_adapter_layers(model):
         if adapter_name in layer.adapters:
             for key, tensor in layer.adapters[adapter_name].state_dict().items():
                 tensors[f"{name}.{key}"] = tensor
@@ -161,22 +219,26 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
 
 
 def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    carriers = [(n, layer) for n, layer in adapter_layers(model) if adapter_name in layer.adapters]
+    carriers = [(n, layer) for n, layer in canonical_adapter_layers(model) if adapter_name in layer.adapters]
     if not carriers:
         raise CheckpointError(
             f"no adapter named {adapter_name!r} on this model; adapters: {', '.join(list_adapters(model)) or '(none)'}"
         )
     method: Method = carriers[0][1].methods[adapter_name]
+    method_name = plugin_name(method)
+    unique = {id(layer.backend): layer.backend for _, layer in carriers}
+    backend_names = {key: plugin_name(backend) for key, backend in unique.items()}
     backends = {
-        (layer.backend.name, json.dumps(layer.backend.options.model_dump(mode="json"))) for _, layer in carriers
+        (backend_names[id(layer.backend)], json.dumps(layer.backend.options.model_dump(mode="json")))
+        for _, layer in carriers
     }
     if len(backends) == 1:
         backend_name, backend_options = next(iter(backends))
-        backend = PluginSpec(name=backend_name or AUTO_BACKEND, options=json.loads(backend_options))
+        backend = PluginSpec(name=backend_name, options=json.loads(backend_options))
     else:
         backend = PluginSpec(name=AUTO_BACKEND)
     config = QAdaptConfig(
-        method=PluginSpec(name=method.name or type(method).__name__, options=method.options.model_dump(mode="json")),
+        method=PluginSpec(name=method_name, options=method.options.model_dump(mode="json")),
         backend=backend,
         targets=[name for name, _ in carriers],
         adapter_name=adapter_name,
@@ -192,9 +254,8 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
             "qadapt": __version__,
             "method": _distribution_of(method),
             "backends": {
-                backend.name: _distribution_of(backend)
-                for backend in {layer.backend.name: layer.backend for _, layer in carriers}.values()
-                if backend.name
+                name: _distribution_of(backend)
+                for name, backend in {backend_names[id(layer.backend)]: layer.backend for _, layer in carriers}.items()
             },
         },
     }
@@ -213,15 +274,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], adapter_na
     stored, aliases = dedupe_tensors(adapter_tensors(model, name))
     description["aliases"] = aliases
     header = json.dumps(description, sort_keys=True)
+    config_bytes = (json.dumps(description, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    metadata = {_HEADER_KEY: header, CONFIG_DIGEST_KEY: sha256(config_bytes)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata={_HEADER_KEY: header}))
-    text = json.dumps(description, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata=metadata))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_bytes(config_bytes))
     return directory
 
 
 # ---------------------------------------------------------------------------------------- load
+
+
+class _Description(BaseModel):
+    """The checkpoint description in the weights file's header (and in ``qadapt_config.json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    format_version: int
+    config: dict[str, Any]
+    layers: dict[str, tuple[PositiveInt, PositiveInt]]
+    versions: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
 
 
 @dataclass
@@ -237,41 +312,77 @@ class AdapterCheckpoint:
         return {name: (shape[0], shape[1]) for name, shape in self.description["layers"].items()}
 
 
+def _parse_description(header: str, path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(header)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: header field {_HEADER_KEY!r} is not valid JSON: {shorten(exc, 200)}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: header field {_HEADER_KEY!r} must be a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format {shorten(raw.get('format'))} version {shorten(raw.get('format_version'))}; "
+            f"this qadapt reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    try:
+        return _Description.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        problems = [
+            f"field {'.'.join(map(str, e['loc']))}: {e['msg']} (got {shorten(e['input'])})"
+            for e in exc.errors(include_url=False)[:5]
+        ]
+        raise CheckpointError(f"{path}: the checkpoint description is damaged:\n  " + "\n  ".join(problems)) from exc
+
+
+def _check_config_file(directory: Path, metadata: dict[str, str], description: dict[str, Any], path: Path) -> None:
+    """Refuse a ``qadapt_config.json`` that was not written with the weights file."""
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        return  # the weights file describes itself; the config is a copy for people and tools
+    data = read_once(config_path, limit=MAX_CONFIG_BYTES)
+    if CONFIG_DIGEST_KEY in metadata:
+        check_pair(metadata, data, path, config_path)
+        return
+    # Checkpoints written before the digest: the config must say what the header says.
+    if parse_json_object(data, config_path) != json.loads(metadata[_HEADER_KEY]):
+        raise CheckpointError(
+            f"{config_path} describes another adapter than {path}: a save was interrupted or another save ran "
+            "at the same time; save the adapter again"
+        )
+
+
 def read_adapter(directory: str | os.PathLike[str]) -> AdapterCheckpoint:
     """Read and check a checkpoint directory without touching any model.
 
+    The weights file is read once, from one open handle, and its config file must be the one
+    saved with it.
+
     Raises:
-        CheckpointError: missing or corrupt files, a foreign format, or a config that does not validate.
+        CheckpointError: missing or corrupt files (naming the file and the field), a foreign
+            format, a config file from another save, or a config that does not validate.
     """
-    path = Path(directory) / WEIGHTS_FILE
+    directory = Path(directory)
+    path = directory / WEIGHTS_FILE
     if not path.is_file():
         hint = (
             " (it looks like a PEFT adapter: use qadapt.load_peft_adapter)"
-            if (Path(directory) / "adapter_config.json").is_file()
+            if (directory / "adapter_config.json").is_file()
             else ""
         )
         raise CheckpointError(f"no qadapt checkpoint in {directory}: {WEIGHTS_FILE} is missing{hint}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = (handle.metadata() or {}).get(_HEADER_KEY)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    metadata, tensors = parse_safetensors(read_once(path), path)
+    header = metadata.get(_HEADER_KEY)
     if header is None:
         raise CheckpointError(f"{path} has no qadapt description in its header; it was not written by save_adapter")
-    description = json.loads(header)
-    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format {description.get('format')!r} version {description.get('format_version')!r}; "
-            f"this qadapt reads {FORMAT!r} version {FORMAT_VERSION}"
-        )
+    description = _parse_description(header, path)
+    _check_config_file(directory, metadata, description, path)
     try:
         config = validate_config(description["config"], source=f"{path.name} (saved config)")
     except QAdaptError as exc:
         raise CheckpointError(f"the checkpoint's config no longer validates:\n{exc}") from exc
-    for alias, key in description.get("aliases", {}).items():
+    for alias, key in description["aliases"].items():
         if key not in tensors:
-            raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {key!r}")
+            raise CheckpointError(f"{path}: alias {shorten(alias)} points to missing tensor {shorten(key)}")
         tensors[alias] = tensors[key]
     return AdapterCheckpoint(description, config, tensors)
 
@@ -279,7 +390,7 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterCheckpoint:
 def _check_fit(model: nn.Module, ckpt: AdapterCheckpoint, name: str) -> list[str]:
     """Every way the checkpoint does not fit the model's adapter ``name``; empty when it fits."""
     problems = []
-    carriers = {n: layer for n, layer in adapter_layers(model) if name in layer.adapters}
+    carriers = {n: layer for n, layer in canonical_adapter_layers(model) if name in layer.adapters}
     missing = sorted(set(ckpt.layers) - set(carriers))
     extra = sorted(set(carriers) - set(ckpt.layers))
     if missing:
@@ -289,15 +400,16 @@ def _check_fit(model: nn.Module, ckpt: AdapterCheckpoint, name: str) -> list[str
     want = ckpt.config.method
     for layer_name, layer in carriers.items():
         method = layer.methods[name]
-        if (method.name or type(method).__name__) != want.name:
-            problems.append(f"{layer_name}: the checkpoint holds method {want.name!r}, the layer has {method.name!r}")
+        have_name = registry.registered_name(method) or type(method).__name__
+        if have_name != want.name:
+            problems.append(f"{layer_name}: the checkpoint holds method {want.name!r}, the layer has {have_name!r}")
             break
         have = method.options.model_dump(mode="json")
         differ = sorted(k for k in set(have) | set(want.options) if have.get(k) != want.options.get(k))
         if differ:
             problems.append(
                 f"{layer_name}: method options differ from the checkpoint's: "
-                + ", ".join(f"{k}={want.options.get(k)!r} saved vs {have.get(k)!r}" for k in differ)
+                + ", ".join(f"{k}={shorten(want.options.get(k))} saved vs {shorten(have.get(k))}" for k in differ[:5])
             )
             break
         shape = ckpt.layers.get(layer_name)
@@ -310,16 +422,14 @@ def _check_fit(model: nn.Module, ckpt: AdapterCheckpoint, name: str) -> list[str
         return problems
     expected = adapter_tensors(model, name)
     for key in sorted(set(ckpt.tensors) - set(expected))[:5]:
-        problems.append(f"unexpected tensor {key!r}")
+        problems.append(f"unexpected tensor {shorten(key)}")
     for key in sorted(set(expected) - set(ckpt.tensors))[:5]:
         problems.append(f"missing tensor {key!r}")
     for key in sorted(set(expected) & set(ckpt.tensors)):
-        if tuple(expected[key].shape) != tuple(ckpt.tensors[key].shape):
-            problems.append(
-                f"tensor {key!r} has shape {tuple(ckpt.tensors[key].shape)} in the checkpoint, "
-                f"{tuple(expected[key].shape)} in the model"
-            )
-    return problems
+        problem = mismatch_problem(key, ckpt.tensors[key], expected[key])
+        if problem is not None:
+            problems.append(problem)
+    return problems[:20]
 
 
 @contextmanager
@@ -364,21 +474,27 @@ def load_adapter(
     ``adapter_name`` renames the adapter on load. The values round-trip exactly.
 
     Raises:
-        CheckpointError: the checkpoint is unreadable or does not fit (method, options, layer names
-            or shapes); the model is left unchanged.
+        CheckpointError: the checkpoint is unreadable or does not fit (method, options, layer names,
+            tensor shapes or dtypes); the model is left unchanged.
+        AdapterStateError: an adapter is merged into the model (``qadapt.unmerge`` it first).
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    refuse_merged(model, "load an adapter")
     ckpt = read_adapter(directory)
     name = adapter_name or ckpt.config.adapter_name
-    wrapped = {n for n, _ in adapter_layers(model)}
+    layers = canonical_adapter_layers(model)
+    wrapped = {n for n, _ in layers}
     targets = set(ckpt.layers)
-    carriers = {n for n, layer in adapter_layers(model) if name in layer.adapters}
+    carriers = {n for n, layer in layers if name in layer.adapters}
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    actives = [(layer, layer.active_adapter) for _, layer in adapter_layers(model)]
+    actives = [(layer, layer.active_adapter) for _, layer in layers]
     if carriers:
         undo: Callable[[], None] = lambda: None  # noqa: E731
     elif targets <= wrapped:
         method = registry.method_class(ckpt.config.method.name)(ckpt.config.method.options)
-        add_adapter(model, name, method, targets=[_exact(t) for t in sorted(targets)])
+        actual = actual_names(model)
+        add_adapter(model, name, method, targets=[_exact(actual[t]) for t in sorted(targets)])
 
         def undo() -> None:
             delete_adapter(model, name)
@@ -408,8 +524,15 @@ def _exact(name: str) -> str:
     return REGEX_PREFIX + re.escape(name)
 
 
+def actual_names(model: nn.Module) -> dict[str, str]:
+    """``{canonical name: name in model}`` for every module (see :func:`qadapt.wrap.canonical_names`)."""
+    return {canonical: actual for actual, canonical in canonical_names(model).items()}
+
+
 def _wrap_from(model: nn.Module, ckpt: AdapterCheckpoint, name: str, backend: str | None, surgery: Surgery) -> None:
-    cfg = ckpt.config.model_copy(update={"adapter_name": name, "targets": [_exact(t) for t in ckpt.layers]})
+    actual = actual_names(model)
+    targets = [_exact(actual.get(t, t)) for t in ckpt.layers]
+    cfg = ckpt.config.model_copy(update={"adapter_name": name, "targets": targets})
     if backend is not None:
         cfg = cfg.model_copy(update={"backend": PluginSpec(name=backend)})
     with undone_on_failure(surgery, "cannot wrap the model from the checkpoint's config"):

@@ -20,7 +20,7 @@ from torch import nn
 
 from qadapt import registry
 from qadapt.config_sources import read_config_file
-from qadapt.errors import ConfigError, PluginError, closest
+from qadapt.errors import ConfigError, PluginError, closest, shorten
 from qadapt.protocols import PluginOptions
 
 #: The config format version this qadapt reads and writes.
@@ -72,12 +72,20 @@ class QAdaptConfig(BaseModel):
         return check_adapter_name(value, ValueError)
 
 
+#: An adapter name becomes a key of an ``nn.ModuleDict``; a module instance shows which names its
+#: class *and* ``nn.Module.__init__`` (``training``, ``_parameters``, hooks, ...) already take.
+_MODULE_DICT = nn.ModuleDict()
+
+
 def check_adapter_name(name: Any, error: type[Exception] = ConfigError) -> str:
-    """``name`` if it can name an adapter: a Python identifier that is no attribute of ``nn.ModuleDict``."""
+    """``name`` if it can name an adapter: a Python identifier that is no attribute of an ``nn.ModuleDict``."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise error(f"adapter name must be a Python identifier (letters, digits, underscores), got {name!r}")
-    if hasattr(nn.ModuleDict, name):
-        raise error(f"adapter name {name!r} is taken by a torch.nn.Module attribute; choose another name")
+        raise error(f"adapter name must be a Python identifier (letters, digits, underscores), got {shorten(name)}")
+    if hasattr(_MODULE_DICT, name):
+        raise error(
+            f"adapter name {name!r} is taken by a torch.nn.Module attribute (adapters are held in an "
+            "nn.ModuleDict, whose attributes they cannot shadow); choose another name"
+        )
     return name
 
 
@@ -89,6 +97,10 @@ class ConfigIssue:
     message: str
 
 
+#: Issues a ConfigValidationError message shows (all are in ``.issues``).
+MAX_SHOWN = 20
+
+
 class ConfigValidationError(ConfigError):
     """A config failed validation; ``issues`` lists every problem, ``source`` the file (or None)."""
 
@@ -98,7 +110,9 @@ class ConfigValidationError(ConfigError):
         where = f"{source}: " if source else ""
         count = f"{len(issues)} error" + ("s" if len(issues) != 1 else "")
         lines = [f"invalid qadapt config ({count}):"]
-        lines += [f"  {where}{issue.location or '(top level)'}: {issue.message}" for issue in issues]
+        lines += [f"  {where}{issue.location or '(top level)'}: {issue.message}" for issue in issues[:MAX_SHOWN]]
+        if len(issues) > MAX_SHOWN:
+            lines.append(f"  ... and {len(issues) - MAX_SHOWN} more (see .issues)")
         super().__init__("\n".join(lines))
 
 
@@ -119,11 +133,11 @@ def _issues_from(exc: ValidationError, prefix: tuple[Any, ...], root: type[BaseM
     issues = []
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
-        location = ".".join(str(part) for part in prefix + loc)
+        location = shorten(".".join(str(part) for part in prefix + loc), 160).strip("'")
         if error["type"] == "extra_forbidden":
             key = str(loc[-1])
             valid = _fields_at(root, loc[:-1]) or []
-            message = f"unknown key {key!r}"
+            message = f"unknown key {shorten(key)}"
             suggestion = closest(key, valid)
             if suggestion:
                 message += f"; did you mean {suggestion!r}?"
@@ -132,7 +146,7 @@ def _issues_from(exc: ValidationError, prefix: tuple[Any, ...], root: type[BaseM
         elif error["type"] == "missing":
             message = "required key is missing"
         else:
-            message = f"{error['msg']} (got {error['input']!r})"
+            message = f"{error['msg']} (got {shorten(error['input'])})"
         issues.append(ConfigIssue(location, message))
     return issues
 

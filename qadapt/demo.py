@@ -6,6 +6,11 @@ trained to recover the teacher's next-token distributions on random token sequen
 (distillation, KL divergence). The demo then merges the adapters into the quantized weights,
 checks merged against unmerged outputs and the exact unmerge, and prints one table.
 
+It then tells what each way of merging keeps of the fine-tune: the naive requantize (new scales,
+what bitsandbytes and PEFT do), the default (scales kept), a calibrated merge, a float target,
+and a second student trained with an exactly mergeable method (``exact_method``, per-group
+scales) where the backend exposes group scales. ``merges.png`` compares them.
+
 Needs ``transformers`` and ``matplotlib`` (the ``demo`` extra).
 """
 
@@ -38,6 +43,27 @@ class DemoSettings:
     seq_len: int = 48
     lr: float = 3e-4
     method_options: dict[str, Any] = field(default_factory=dict)
+    #: a method that merges exactly into a backend's group scales, trained for comparison ("" skips it).
+    exact_method: str = "scales"
+    exact_lr: float = 3e-3
+    #: calibration batches for the calibrated merge (every fourth is held out).
+    calibration_batches: int = 8
+
+
+@dataclass
+class MergeOutcome:
+    """One way of merging: the KL to the float model after it, and the share of the fine-tune's gain kept."""
+
+    label: str
+    kl: float
+    gain_kept: float | None
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.gain_kept is None:
+            return self.note
+        text = f"{self.gain_kept:+.1%} (KL {self.kl:.5f})"
+        return f"{text}, {self.note}" if self.note else text
 
 
 @dataclass
@@ -50,6 +76,8 @@ class DemoResult:
     merge_max_error: float
     exact_unmerge_identical: bool
     out_dir: Path
+    #: what each way of merging kept (see :class:`MergeOutcome`).
+    merges: list[MergeOutcome] = field(default_factory=list)
 
 
 def build_default_model(seed: int) -> nn.Module:
@@ -92,7 +120,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _storage_digest(model: nn.Module) -> str:
-    from qadapt.model_ops import wrapped_layers
+    from qadapt.model_layers import wrapped_layers
 
     digest = hashlib.sha256()
     for name, layer in wrapped_layers(model):
@@ -127,6 +155,125 @@ def _plot(losses: list[float], gap: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _train(
+    student: nn.Module,
+    teacher: nn.Module,
+    settings: DemoSettings,
+    generator: torch.Generator,
+    lr: float,
+    verbose: bool,
+    desc: str,
+) -> tuple[list[float], float]:
+    """Distil ``teacher`` into ``student``'s adapters; returns the losses and seconds per step."""
+    from tqdm.auto import tqdm
+
+    vocab = teacher.config.vocab_size
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    student.train()
+    started = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=desc, disable=not verbose)
+    for _ in bar:
+        tokens = torch.randint(0, vocab, (settings.batch_size, settings.seq_len), generator=generator)
+        with torch.no_grad():
+            target = _logits(teacher, tokens)
+        loss = distillation_loss(_logits(student, tokens), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    student.eval()
+    return losses, (time.perf_counter() - started) / max(settings.steps, 1)
+
+
+def _gain_kept(gap_before: float, gap_after: float, gap_merged: float) -> float | None:
+    gain = gap_before - gap_after
+    return (gap_before - gap_merged) / gain if gain > 0 else None
+
+
+def _compare_merges(
+    student: nn.Module, kl: Any, calibration: list[torch.Tensor], gap_before: float, gap_after: float
+) -> list[MergeOutcome]:
+    """Merge ``student`` each way (unmerging exactly in between) and measure the KL after each."""
+    import qadapt
+
+    outcomes = []
+    for label, options in (
+        ("naive requantize (new scales)", {"requantize": "fresh"}),
+        ("default merge (scales kept)", {}),
+        ("calibrated merge", {"calibration": calibration}),
+    ):
+        report = qadapt.merge(student, warn_below=None, **options)
+        after = kl(student)
+        qadapt.unmerge(student, mode="exact")
+        paths = sorted({r.path for r in report.layers.values()})
+        note = f"paths {'/'.join(paths)}"
+        if report.model_kept is not None:
+            note += f", logits kept {report.model_kept:.1%}"
+        outcomes.append(MergeOutcome(label, after, _gain_kept(gap_before, gap_after, after), note))
+    floating = copy.deepcopy(student)
+    qadapt.unwrap(floating, merge="float", dtype=torch.bfloat16)
+    after = kl(floating.float())  # bf16-rounded weights, run in the model's float32
+    outcomes.append(MergeOutcome("float target (bf16)", after, _gain_kept(gap_before, gap_after, after)))
+    return outcomes
+
+
+def _exact_method_row(
+    teacher: nn.Module,
+    settings: DemoSettings,
+    generator: torch.Generator,
+    kl: Any,
+    gap_before: float,
+    gap_after: float,
+    verbose: bool,
+) -> MergeOutcome | None:
+    """Train ``settings.exact_method`` instead and merge it (None when it is not asked for).
+
+    Its ``gain_kept`` is measured against the main method's gain, like the other rows, so the
+    chart compares what each option leaves in the merged model; the note gives its own figures.
+    """
+    import qadapt
+    from qadapt.errors import CapabilityError, ConfigError, PluginError
+
+    if not settings.exact_method or settings.exact_method == settings.method:
+        return None
+    label = f"{settings.exact_method} method, merged"
+    student = copy.deepcopy(teacher)
+    try:
+        qadapt.wrap(student, method=settings.exact_method, backend=settings.backend, targets="all-linear")
+    except (CapabilityError, ConfigError, PluginError) as exc:
+        return MergeOutcome(label, float("nan"), None, f"n/a: {' '.join(str(exc).split())[:140]}")
+    _train(student, teacher, settings, generator, settings.exact_lr, verbose, settings.exact_method)
+    unmerged = kl(student)
+    qadapt.merge(student, warn_below=None)
+    merged = kl(student)
+    own = _gain_kept(gap_before, unmerged, merged)
+    share = 1.0 - unmerged / gap_before if gap_before > 0 else 0.0
+    note = f"its own gap recovered {share:.1%}, its own gain kept {'n/a' if own is None else f'{own:.1%}'}"
+    return MergeOutcome(label, merged, _gain_kept(gap_before, gap_after, merged), note)
+
+
+def _plot_merges(merges: list[MergeOutcome], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in merges if m.gain_kept is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    values = [100 * m.gain_kept for m in shown]
+    ax.barh([m.label for m in shown], values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("share of the fine-tune's KL gain kept after merging (%)")
+    ax.set_title(title)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
     """Run the demo end to end; prints the table when ``verbose`` and returns the figures."""
     import qadapt
@@ -150,32 +297,13 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
         eval_teacher = _logits(teacher, eval_tokens)
         gap_before = float(distillation_loss(_logits(student, eval_tokens), eval_teacher))
 
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    losses: list[float] = []
-    student.train()
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc="distilling", disable=not verbose)
-    for _ in bar:
-        tokens = torch.randint(0, vocab, (settings.batch_size, settings.seq_len), generator=generator)
-        with torch.no_grad():
-            target = _logits(teacher, tokens)
-        loss = distillation_loss(_logits(student, tokens), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    step_time = (time.perf_counter() - started) / max(settings.steps, 1)
-    student.eval()
+    losses, step_time = _train(student, teacher, settings, generator, settings.lr, verbose, "distilling")
 
     with torch.no_grad():
         unmerged_logits = _logits(student, eval_tokens)
         gap_after = float(distillation_loss(unmerged_logits, eval_teacher))
         digest_before = _storage_digest(student)
-        report = qadapt.merge(student)
+        report = qadapt.merge(student, warn_below=None)
         merged_logits = _logits(student, eval_tokens)
         gap_merged = float(distillation_loss(merged_logits, eval_teacher))
         qadapt.unmerge(student, mode="exact")
@@ -184,8 +312,21 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
     qadapt.save_adapter(student, out_dir / "adapter")
     recovered = 1.0 - gap_after / gap_before if gap_before > 0 else 0.0
     errors = sorted(r.error for r in report.layers.values())
-    kept = report.min_delta_retained
     _plot(losses, gap_before, out_dir / "loss.png", f"{settings.method} on {settings.backend}: distillation")
+
+    def kl(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(distillation_loss(_logits(model, eval_tokens), eval_teacher))
+
+    calibration = [
+        torch.randint(0, vocab, (settings.batch_size, settings.seq_len), generator=generator)
+        for _ in range(settings.calibration_batches)
+    ]
+    merges = _compare_merges(student, kl, calibration, gap_before, gap_after)
+    exact = _exact_method_row(teacher, settings, generator, kl, gap_before, gap_after, verbose)
+    if exact is not None:
+        merges.append(exact)
+    _plot_merges(merges, out_dir / "merges.png", f"{settings.method} on {settings.backend}: what each merge keeps")
 
     rows = [
         ("model", settings.model_dir or "built-in 2-layer Llama (hidden 128, vocab 512)"),
@@ -200,16 +341,17 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
             "merge error per layer (min / median / max)",
             f"{errors[0]:.4f} / {errors[len(errors) // 2]:.4f} / {errors[-1]:.4f}",
         ),
-        ("adapter change kept by requantization (min)", "n/a" if kept is None else f"{kept:.1%}"),
-        ("KL after merge", f"{gap_merged:.5f}"),
+        ("KL after merge (default)", f"{gap_merged:.5f}"),
         ("merged vs unmerged logits (relative)", f"{_relative(merged_logits, unmerged_logits):.2e}"),
         ("exact unmerge bit-identical", "yes" if exact_identical else "NO"),
+        *[(f"{settings.method}'s gain kept: {m.label}", m.describe()) for m in merges],
         ("time per training step", f"{step_time * 1000:.1f} ms"),
         ("adapter saved to", str(out_dir / "adapter")),
         ("loss curve", str(out_dir / "loss.png")),
+        ("merge comparison", str(out_dir / "merges.png")),
     ]
     (out_dir / "summary.json").write_text(json.dumps(dict(rows), indent=2))
     if verbose:
         print()
         print(format_table(("what", "value"), rows))
-    return DemoResult(rows, losses, recovered, errors[-1], exact_identical, out_dir)
+    return DemoResult(rows, losses, recovered, errors[-1], exact_identical, out_dir, merges)

@@ -7,7 +7,37 @@ Every error is a :class:`QAdaptError` and also subclasses the built-in exception
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
+from typing import Any
+
+#: Longest text of a user-supplied value put into an error message.
+MAX_VALUE_CHARS = 80
+
+
+def _bounded_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel = 3
+    short.maxstring = short.maxother = short.maxlong = MAX_VALUE_CHARS
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = short.maxfrozenset = short.maxdeque = 6
+    return short
+
+
+_REPR = _bounded_repr()
+
+
+def clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shorten(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """``repr(value)`` for an error message, bounded: a large or deeply nested value (a YAML alias
+    bomb) is never walked whole, and the text is cut to ``limit`` characters with an ellipsis.
+    An exception reads ``Type: message``."""
+    if isinstance(value, BaseException):
+        return clip(f"{type(value).__name__}: {str(value)[: limit + 1]}", limit)
+    return clip(_REPR.repr(value), limit)
 
 
 class QAdaptError(Exception):
@@ -25,7 +55,7 @@ class UnknownPluginError(PluginError, LookupError):
         self.family = family
         self.name = name
         self.installed = sorted(installed)
-        message = f"unknown {family} plugin {name!r}; installed: {', '.join(self.installed) or '(none)'}"
+        message = f"unknown {family} plugin {shorten(name)}; installed: {', '.join(self.installed) or '(none)'}"
         close = closest(name, self.installed)
         if close:
             message += f". Did you mean {close!r}?"
@@ -59,6 +89,14 @@ class ConfigError(QAdaptError, ValueError):
 
 class TargetError(QAdaptError, ValueError):
     """Targeting found no module to wrap, or a module that cannot be wrapped."""
+
+
+class LayerFitError(TargetError, ConfigError):
+    """A method's or backend's options do not fit some target layers (their ``check_layer`` refused them).
+
+    Both a :class:`TargetError` (which layers) and a :class:`ConfigError` (which option), so either
+    ``except`` catches it; the message lists every layer with its name and shape.
+    """
 
 
 class AdapterStateError(QAdaptError, RuntimeError):

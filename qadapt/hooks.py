@@ -20,6 +20,9 @@ The PEFT adapter format, used by :mod:`qadapt.peft_interop` (all required for PE
   tensors (PEFT keys relative to the layer <-> the adapter's ``state_dict`` keys).
 * ``shared_from_peft(config, tensors) -> dict`` / ``shared_to_peft(options, shared) -> dict``:
   model-level tensors (PEFT keys under ``base_model.``) <-> shared checkpoint tensors.
+* optional ``accepts_peft(method_class, config) -> bool``: for a ``PEFT_TYPE`` that several
+  methods of one package share (``LORA`` with and without ``use_dora``), whether
+  ``method_class`` reads this config. Without it, every config of the type is accepted.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ restore, or the method's inverse).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from qadapt import registry
+from qadapt.config import check_adapter_name
 from qadapt.errors import (
     AdapterStateError,
     ArgumentTypeError,
@@ -21,36 +23,42 @@ from qadapt.errors import (
     ConfigError,
     InputError,
     TargetError,
-    UnsafeMergeError,
+    shorten,
 )
-from qadapt.protocols import Backend, BaseLayer, Method, QuantizedWeight
+from qadapt.merging import MergeResult, RequantizeMode, check_finite, merge_storage
+from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, QuantizedWeight
+
+__all__ = ["MergeResult", "QuantAdapterLinear", "UnmergeMode", "check_compatible"]
 
 UnmergeMode = Literal["exact", "inverse"]
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What one layer's merge measured.
-
-    ``error``: relative Frobenius norm ``||deq(requant(W')) - W'|| / ||W'||`` between the exact
-    float merged weight ``W'`` and what the quantized storage now holds.
-    ``delta_retained``: the share of the adapter's change ``W' - W`` that survived
-    requantization (projection of the stored change onto the intended one; 1.0 is all of it,
-    0.0 means it was rounded away). None when the adapter changes nothing.
-    """
-
-    adapter: str
-    error: float
-    delta_retained: float | None
-
-    def __float__(self) -> float:
-        return self.error
+#: Why merging is refused while adapters are disabled (the layer computes the plain base then).
+DISABLED_MERGE = (
+    "adapters are disabled, so this computes the plain quantized layer and merging would change that; "
+    "enable_adapters() first to merge, or unwrap(model, merge=False) to drop the adapters"
+)
+#: State-dict key (under the layer's prefix) naming the merged adapter, present only while one is merged.
+MERGED_KEY = "qadapt_merged_adapter"
 
 
 @dataclass
 class _MergedState:
     adapter: str
     snapshot: QuantizedWeight | None
+    #: digest of the adapter's tensors at merge: an inverse unmerge refuses a changed adapter
+    #: (None for a merge loaded from a state dict, whose adapter tensors arrive later).
+    digest: str | None
+    #: requires_grad of each adapter parameter before the merge froze them.
+    grad_flags: dict[str, bool]
+
+
+def adapter_digest(adapter: nn.Module) -> str:
+    """A digest of every tensor of ``adapter`` (names, dtypes, shapes, bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, tensor in adapter.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _resolve_plugin(kind: type, family: str, plugin: Any, options: Any) -> Any:
@@ -127,6 +135,7 @@ class QuantAdapterLinear(nn.Module):
                 )
             in_f, out_f = base.in_features, base.out_features
             _check_not_empty(in_f, out_f)
+            backend_obj.check_layer(in_f, out_f)
             method_obj.check_layer(in_f, out_f)
             base = backend_obj.quantize(base)
         else:
@@ -151,16 +160,18 @@ class QuantAdapterLinear(nn.Module):
     ) -> nn.Module:
         """Create adapter ``name`` with ``method`` and make it active. Returns the adapter module."""
         self._check_new_name(name)
+        if self._merged is not None:
+            # A new adapter would be initialised from (and later merged onto) the merged weight.
+            raise AdapterStateError(
+                f"cannot add adapter {name!r} while adapter {self._merged.adapter!r} is merged; unmerge() first"
+            )
         method_obj: Method = _resolve_plugin(Method, "methods", method, method_options)
         check_compatible(method_obj, self.backend)
         method_obj.check_layer(self.in_features, self.out_features)
         return self._add_checked_adapter(name, method_obj, shared)
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
-            raise ConfigError(
-                f"adapter_name must be a Python identifier that is not an nn.ModuleDict attribute, got {name!r}"
-            )
+        check_adapter_name(name)
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists on this layer; delete_adapter() it first")
 
@@ -214,7 +225,7 @@ class QuantAdapterLinear(nn.Module):
                 raise AdapterStateError("this layer has no adapter")
             return self.active_adapter
         if name not in self.adapters:
-            raise ConfigError(f"no adapter named {name!r} on this layer; adapters: {', '.join(self.adapters)}")
+            raise ConfigError(f"no adapter named {shorten(name)} on this layer; adapters: {', '.join(self.adapters)}")
         return name
 
     @property
@@ -279,15 +290,28 @@ class QuantAdapterLinear(nn.Module):
             )
 
     @torch.no_grad()
-    def merge(self, safe: bool = True, adapter_name: str | None = None, keep_snapshot: bool = True) -> MergeResult:
-        """Fold an adapter into the quantized weight.
+    def merge(
+        self,
+        safe: bool = True,
+        adapter_name: str | None = None,
+        keep_snapshot: bool = True,
+        *,
+        requantize: RequantizeMode = "keep",
+        stats: CalibrationStats | None = None,
+        heldout: torch.Tensor | None = None,
+        tune_steps: int = 0,
+    ) -> MergeResult:
+        """Fold an adapter into the quantized weight (see :func:`qadapt.merging.merge_storage`).
 
         Dequantizes to float32, applies the method to the weight, checks the result is finite
-        (``safe``), requantizes with the layer's settings, and only then swaps the storage in.
-        With ``keep_snapshot`` the old storage is kept for a bit-identical ``unmerge("exact")``.
+        (``safe``), requantizes (``requantize``: ``"keep"`` the layer's scales where the backend can,
+        ``"calibrated"`` against ``stats``, or ``"fresh"``), keeps the old storage if the result would
+        be worse than no adapter, and only then swaps the storage in. With ``keep_snapshot`` the old
+        storage is kept for a bit-identical ``unmerge("exact")``. While merged, the adapter's
+        parameters are frozen (``requires_grad=False``); unmerge gives their flags back.
 
         Raises:
-            AdapterStateError: an adapter is already merged.
+            AdapterStateError: an adapter is already merged, or adapters are disabled.
             UnsafeMergeError: ``safe`` and the merged weight has NaN/Inf; nothing was written.
         """
         name = self._require_adapter(adapter_name)
@@ -295,21 +319,32 @@ class QuantAdapterLinear(nn.Module):
             raise AdapterStateError(
                 f"adapter {self._merged.adapter!r} is already merged into this layer; unmerge() first"
             )
+        if not self.adapters_enabled:
+            raise AdapterStateError(DISABLED_MERGE)
         self._check_can_merge()
         if keep_snapshot and not self.backend.capabilities.snapshot:
             raise CapabilityError(
                 f"backend {self.backend.name!r} cannot snapshot its storage; merge with keep_snapshot=False"
             )
         storage = self.backend.get_storage(self.base)
-        weight = self.backend.dequantize(storage).float()
-        merged = self.methods[name].merge_weight(self.adapters[name], weight).float()
-        if safe:
-            _check_finite(merged, f"merging adapter {name!r}")
-        new_storage = self.backend.requantize(merged, like=storage)
-        result = _measure(name, weight, merged, self.backend.dequantize(new_storage))
+        adapter = self.adapters[name]
+        new_storage, result = merge_storage(
+            self.backend,
+            self.methods[name],
+            adapter,
+            storage,
+            name=name,
+            requantize_mode=requantize,
+            stats=stats,
+            heldout=heldout,
+            safe=safe,
+            tune_steps=tune_steps,
+        )
         snapshot = storage.clone() if keep_snapshot else None
         self.backend.set_storage(self.base, new_storage)
-        self._merged = _MergedState(name, snapshot)
+        grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
+        self._merged = _MergedState(name, snapshot, adapter_digest(adapter), grad_flags)
+        adapter.requires_grad_(False)
         return result
 
     @torch.no_grad()
@@ -318,16 +353,19 @@ class QuantAdapterLinear(nn.Module):
 
         ``"exact"`` restores the storage snapshot taken at merge (bit-identical). ``"inverse"``
         computes ``method.unmerge_weight`` on the dequantized weight and requantizes (no memory
-        held while merged; the result carries the quantization error of two round trips).
+        held while merged; the result carries the quantization error of two round trips). The
+        adapter's parameters get their ``requires_grad`` flags back.
 
         Raises:
-            AdapterStateError: nothing is merged, or ``"exact"`` without a snapshot.
+            AdapterStateError: nothing is merged, ``"exact"`` without a snapshot, or ``"inverse"``
+                after the adapter's tensors changed since the merge.
         """
         if mode not in ("exact", "inverse"):
-            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {mode!r}")
+            raise ConfigError(f"unmerge mode must be 'exact' or 'inverse', got {shorten(mode)}")
         if self._merged is None:
             raise AdapterStateError("nothing is merged into this layer; there is nothing to unmerge")
         state = self._merged
+        adapter = self.adapters[state.adapter]
         if mode == "exact":
             if state.snapshot is None:
                 raise AdapterStateError(
@@ -336,13 +374,75 @@ class QuantAdapterLinear(nn.Module):
             self.backend.restore(self.base, state.snapshot)
         else:
             self._check_can_merge()
+            if state.digest is not None and adapter_digest(adapter) != state.digest:
+                raise AdapterStateError(
+                    f"adapter {state.adapter!r} changed since it was merged, so an inverse unmerge would not give "
+                    "the base weight back; restore the adapter or unmerge(mode='exact')"
+                )
             storage = self.backend.get_storage(self.base)
             weight = self.backend.dequantize(storage).float()
-            restored = self.methods[state.adapter].unmerge_weight(self.adapters[state.adapter], weight).float()
+            restored = self.methods[state.adapter].unmerge_weight(adapter, weight).float()
             if safe:
-                _check_finite(restored, f"unmerging adapter {state.adapter!r}")
+                check_finite(restored, f"unmerging adapter {state.adapter!r}")
             self.backend.set_storage(self.base, self.backend.requantize(restored, like=storage))
+        self._thaw(state)
         self._merged = None
+
+    # ----------------------------------------------------------- state dicts
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # The merged state travels with the weights: a merged base loaded into an unmerged layer
+        # would otherwise get its adapter applied a second time. A uint8 tensor (the adapter
+        # name in UTF-8) keeps the state dict savable with safetensors; absent when nothing is merged.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._merged is not None:
+            destination[prefix + MERGED_KEY] = torch.tensor(
+                list(self._merged.adapter.encode("utf-8")), dtype=torch.uint8
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + MERGED_KEY
+        covers = any(k.startswith(prefix + "base.") for k in state_dict)
+        incoming = _merged_name(state_dict[key], key) if key in state_dict else None
+        if incoming is not None and incoming not in self.adapters:
+            raise AdapterStateError(
+                f"{key}: the state dict was saved with adapter {incoming!r} merged, and this layer has no adapter "
+                f"of that name (adapters: {', '.join(self.adapters)}); add it before loading"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if covers and incoming != self.merged_adapter:
+            # The base weight about to be loaded is merged with ``incoming`` (or with nothing):
+            # that is this layer's state from now on. A loaded merge has no snapshot, so it
+            # comes out with unmerge("inverse").
+            self._set_loaded_merge(incoming)
+
+    def _set_loaded_merge(self, incoming: str | None) -> None:
+        if self._merged is not None:
+            self._thaw(self._merged)
+        self._merged = None
+        if incoming is not None:
+            adapter = self.adapters[incoming]
+            grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
+            # The adapter's tensors load after this hook, so no digest can be taken of them here.
+            self._merged = _MergedState(incoming, None, None, grad_flags)
+            adapter.requires_grad_(False)
+
+    def _thaw(self, state: _MergedState) -> None:
+        for key, param in self.adapters[state.adapter].named_parameters():
+            param.requires_grad_(state.grad_flags.get(key, param.requires_grad))
 
     # --------------------------------------------------------------- reporting
 
@@ -355,39 +455,18 @@ class QuantAdapterLinear(nn.Module):
         )
 
 
+def _merged_name(value: Any, key: str) -> str:
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        try:
+            return bytes(value.tolist()).decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise AdapterStateError(f"{key} must hold an adapter name as UTF-8 bytes (a uint8 tensor)")
+
+
 def _check_not_empty(in_features: int, out_features: int) -> None:
     if in_features <= 0 or out_features <= 0:
         raise TargetError(
             f"cannot adapt a zero-sized layer (in_features={in_features}, out_features={out_features}); "
             "both must be at least 1"
         )
-
-
-def _check_finite(weight: torch.Tensor, what: str) -> None:
-    # A sum is non-finite whenever any term is, so one reduction clears the common case; the
-    # element-wise mask (a full-size temporary) is built only to count the bad values.
-    if bool(torch.isfinite(weight.sum())):
-        return
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise UnsafeMergeError(
-            f"{what} gives {bad} non-finite value(s) of {weight.numel()} (NaN/Inf); nothing was written"
-        )
-
-
-def _measure(
-    name: str, before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor, rows: int = 256
-) -> MergeResult:
-    """Merge figures from ``[out, in]`` weights, a block of rows at a time (no full-size temporaries)."""
-    # sums of: target^2, (stored - target)^2, (stored - before).(target - before), (target - before)^2
-    sums = torch.zeros(4, dtype=torch.float64, device=target.device)
-    for b, t, s in zip(before.split(rows), target.split(rows), stored.split(rows), strict=True):
-        intended = t - b
-        sums += torch.stack(
-            [t.square().sum(), (s - t).square().sum(), ((s - b) * intended).sum(), intended.square().sum()]
-        ).double()
-    target_sq, error_sq, overlap, intended_sq = sums.tolist()
-    error = (error_sq / target_sq) ** 0.5 if target_sq > 0 else 0.0
-    retained = overlap / intended_sq if intended_sq > 0 else None
-    return MergeResult(name, error, retained)

@@ -6,6 +6,12 @@ A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
 fields and the all-or-nothing wrap; what is specific to a method (its config fields and tensor
 names) comes from the method plugin's ``interop`` hooks (see :mod:`qadapt.hooks`), so the core
 knows no method by name.
+
+Both files are read once each (see :mod:`qadapt.checkpoint_files`). A directory written here
+carries, in the weights header, a digest of the method settings its config file holds
+(:data:`SETTINGS_DIGEST_KEY`), so a config from another save is refused; fields that change no
+tensor (``base_model_name_or_path``, ...) may still be edited by hand.
+Layer names are canonical both ways (no ``torch.compile`` or DDP prefixes).
 """
 
 from __future__ import annotations
@@ -19,18 +25,34 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from qadapt import registry
-from qadapt.checkpoint import atomic_write, dedupe_tensors, load_shared_tensors, shared_tensors, undone_on_failure
-from qadapt.config import AUTO_BACKEND, QAdaptConfig, validate_config
-from qadapt.errors import CheckpointError, PluginError, QAdaptError
+from qadapt.checkpoint import (
+    actual_names,
+    dedupe_tensors,
+    load_shared_tensors,
+    mismatch_problem,
+    refuse_merged,
+    shared_tensors,
+    undone_on_failure,
+)
+from qadapt.checkpoint_files import (
+    MAX_CONFIG_BYTES,
+    StrictMapping,
+    atomic_write,
+    parse_json_object,
+    parse_safetensors,
+    read_once,
+    sha256,
+)
+from qadapt.config import AUTO_BACKEND, QAdaptConfig, check_adapter_name, validate_config
+from qadapt.errors import CheckpointError, PluginError, QAdaptError, shorten
 from qadapt.hooks import interop_hooks
 from qadapt.protocols import Method
 from qadapt.targeting import REGEX_PREFIX
-from qadapt.wrap import Surgery, adapter_layers, resolve_wrap_config, wrap_resolved
+from qadapt.wrap import Surgery, canonical_adapter_layers, resolve_wrap_config, wrap_resolved
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,6 +60,9 @@ LAYER_PREFIX = "base_model.model."
 MODEL_PREFIX = "base_model."
 #: The PEFT release whose format this module writes and reads.
 PEFT_FORMAT_VERSION = "0.21.2"
+#: safetensors header key: SHA-256 of the method settings (peft_type and the qadapt options read
+#: from the config) that the tensors were saved with.
+SETTINGS_DIGEST_KEY = "qadapt_peft_settings_sha256"
 _HOOKS = ("PEFT_TYPE", "PEFT_LAYER_KEYS", "options_from_peft", "options_to_peft", "layer_from_peft", "layer_to_peft")
 
 
@@ -48,50 +73,62 @@ def _peft_hooks(method: Method | type[Method]) -> ModuleType | None:
     return hooks
 
 
-def _method_for_peft_type(peft_type: str) -> tuple[str, ModuleType]:
-    """The installed method whose hooks read ``peft_type``; raises listing the types that are supported."""
-    supported = {}
+def _method_for_peft_type(peft_type: str, config: Mapping[str, Any]) -> tuple[str, ModuleType]:
+    """The installed method whose hooks read ``peft_type`` (and accept ``config``, for types several
+    methods share); raises listing the types that are supported."""
+    supported, matches = set(), []
     for name in registry.names("methods"):
         try:
-            hooks = _peft_hooks(registry.method_class(name))
+            cls = registry.method_class(name)
+            hooks = _peft_hooks(cls)
         except PluginError:
             continue
-        if hooks is not None:
-            supported[hooks.PEFT_TYPE] = (name, hooks)
-    if peft_type not in supported:
+        if hooks is None:
+            continue
+        supported.add(hooks.PEFT_TYPE)
+        accepts = getattr(hooks, "accepts_peft", None)
+        if hooks.PEFT_TYPE == peft_type and (accepts is None or accepts(cls, config)):
+            matches.append((name, hooks))
+    if not matches:
         raise CheckpointError(
-            f"no installed qadapt method reads PEFT adapters of type {peft_type!r}; "
-            f"supported: {', '.join(sorted(supported)) or '(none)'}"
+            f"no installed qadapt method reads PEFT adapters of type {shorten(peft_type)} with this config; "
+            f"supported types: {', '.join(sorted(supported)) or '(none)'}"
         )
-    return supported[peft_type]
+    return matches[0]
 
 
 # ------------------------------------------------------------------------------------------ read
 
 
-def _read_peft_dir(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _settings_digest(peft_type: str, options: Mapping[str, Any]) -> str:
+    return sha256(json.dumps({"peft_type": peft_type, "options": options}, sort_keys=True, default=str).encode())
+
+
+def _read_peft_dir(directory: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, torch.Tensor]]:
+    """The config and tensors of a PEFT directory, each file read once; a config field that a hook
+    reads but the file lacks raises a CheckpointError naming the file and the field."""
     config_path, weights_path = directory / PEFT_CONFIG_FILE, directory / PEFT_WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"not a PEFT adapter directory: {path} is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
-    return config, tensors
+    config_bytes = read_once(config_path, limit=MAX_CONFIG_BYTES)
+    metadata, tensors = parse_safetensors(read_once(weights_path), weights_path)
+    config = StrictMapping(parse_json_object(config_bytes, config_path), str(config_path), "field")
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise CheckpointError(
+            f"{config_path}: field 'peft_type' must be a string such as 'OFT', got {shorten(peft_type)}"
+        )
+    return config, metadata, tensors
 
 
 def _check_unsupported(config: Mapping[str, Any], source: str) -> None:
     problems = []
     if config.get("bias", "none") != "none":
-        problems.append(f"bias={config['bias']!r} (qadapt adapters train no bias; only 'none')")
+        problems.append(f"bias={shorten(config['bias'])} (qadapt adapters train no bias; only 'none')")
     if config.get("modules_to_save"):
-        problems.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules are not adapters)")
+        modules = shorten(config["modules_to_save"])
+        problems.append(f"modules_to_save={modules} (fully trained modules are not adapters)")
     if config.get("fan_in_fan_out"):
         problems.append("fan_in_fan_out=True (Conv1D layers are not supported)")
     if problems:
@@ -109,12 +146,14 @@ def _split_keys(
             rest = key[len(LAYER_PREFIX) :]
             suffix = next((s for s in layer_keys if rest.endswith("." + s)), None)
             if suffix is None:
-                raise CheckpointError(f"{source}: unexpected tensor {key!r} (known per-layer keys: {layer_keys})")
+                raise CheckpointError(
+                    f"{source}: unexpected tensor {shorten(key)} (known per-layer keys: {layer_keys})"
+                )
             layers.setdefault(rest[: -len(suffix) - 1], {})[suffix] = tensor
         elif key.startswith(MODEL_PREFIX):
             model_level[key[len(MODEL_PREFIX) :]] = tensor
         else:
-            raise CheckpointError(f"{source}: unexpected tensor {key!r} (PEFT keys start with {MODEL_PREFIX!r})")
+            raise CheckpointError(f"{source}: unexpected tensor {shorten(key)} (PEFT keys start with {MODEL_PREFIX!r})")
     if not layers:
         raise CheckpointError(f"{source}: holds no per-layer adapter tensors")
     return layers, model_level
@@ -138,29 +177,45 @@ def load_peft_adapter(
     Raises:
         CheckpointError: unreadable directory, unsupported type or settings, or tensors that do
             not fit the model; the model is left unchanged.
+        AdapterStateError: an adapter is merged into the model (``qadapt.unmerge`` it first).
     """
+    check_adapter_name(adapter_name)
+    refuse_merged(model, "load an adapter")
     directory = Path(directory)
     source = str(directory)
-    peft_config, tensors = _read_peft_dir(directory)
-    peft_type = peft_config.get("peft_type")
-    method_name, hooks = _method_for_peft_type(str(peft_type))
+    peft_config, metadata, tensors = _read_peft_dir(directory)
+    method_name, hooks = _method_for_peft_type(peft_config["peft_type"], peft_config)
     _check_unsupported(peft_config, source)
+    options = hooks.options_from_peft(peft_config)
+    saved_digest = metadata.get(SETTINGS_DIGEST_KEY)
+    if saved_digest is not None and saved_digest != _settings_digest(peft_config["peft_type"], options):
+        raise CheckpointError(
+            f"{directory / PEFT_CONFIG_FILE} holds other method settings than the ones "
+            f"{PEFT_WEIGHTS_FILE} was saved with: a save was interrupted, another save ran at the same time, or "
+            "the method fields were edited; save the adapter again"
+        )
     layers, model_level = _split_keys(tensors, tuple(hooks.PEFT_LAYER_KEYS), source)
+    actual = actual_names(model)
     try:
         cfg = validate_config(
             {
-                "method": {"name": method_name, "options": hooks.options_from_peft(peft_config)},
+                "method": {"name": method_name, "options": options},
                 "backend": {"name": backend, "options": dict(backend_options or {})},
-                "targets": [REGEX_PREFIX + re.escape(name) for name in sorted(layers)],
+                "targets": [REGEX_PREFIX + re.escape(actual.get(name, name)) for name in sorted(layers)],
                 "adapter_name": adapter_name,
             },
             source=f"{directory.name}/{PEFT_CONFIG_FILE}",
         )
     except QAdaptError as exc:
         raise CheckpointError(f"the PEFT config does not translate into a valid qadapt config:\n{exc}") from exc
-    states = {name: hooks.layer_from_peft(layer_tensors) for name, layer_tensors in layers.items()}
+    weights = directory / PEFT_WEIGHTS_FILE
+    states = {
+        name: hooks.layer_from_peft(StrictMapping(layer_tensors, f"{weights}: layer {name}"))
+        for name, layer_tensors in layers.items()
+    }
     shared_from = getattr(hooks, "shared_from_peft", None)
-    shared = dict(shared_from(peft_config, model_level)) if shared_from is not None else {}
+    model_tensors = StrictMapping(model_level, f"{weights}: model-level")
+    shared = dict(shared_from(peft_config, model_tensors)) if shared_from is not None else {}
     surgery = Surgery(model)
     with undone_on_failure(surgery, f"the PEFT adapter in {source} does not fit this model"):
         _wrap(model, cfg, surgery)
@@ -184,24 +239,29 @@ def _load_states(
     source: str,
 ) -> None:
     problems, pairs = [], []
-    layers = {name: layer for name, layer in adapter_layers(model) if adapter_name in layer.adapters}
+    layers = {name: layer for name, layer in canonical_adapter_layers(model) if adapter_name in layer.adapters}
     for name, state in states.items():
+        if name not in layers:
+            problems.append(f"{name}: not adapted in the model")
+            continue
         target = layers[name].adapters[adapter_name].state_dict()
         if set(target) != set(state):
             problems.append(f"{name}: tensors {sorted(state)}, the adapter has {sorted(target)}")
             continue
         for key, tensor in state.items():
-            if tuple(target[key].shape) != tuple(tensor.shape):
-                problems.append(
-                    f"{name}.{key}: shape {tuple(tensor.shape)} in the PEFT adapter, {tuple(target[key].shape)} here"
-                )
+            problem = mismatch_problem(f"{name}.{key}", tensor, target[key], "the PEFT adapter")
+            if problem is not None:
+                problems.append(problem)
             pairs.append((target[key], tensor))
     current_shared = shared_tensors(model, adapter_name)
     if shared:
         for key, tensor in shared.items():
-            if key not in current_shared or tuple(current_shared[key].shape) != tuple(tensor.shape):
-                have = tuple(current_shared[key].shape) if key in current_shared else "nothing"
-                problems.append(f"shared {key}: shape {tuple(tensor.shape)} in the PEFT adapter, {have} here")
+            if key not in current_shared:
+                problems.append(f"shared {key}: shape {tuple(tensor.shape)} in the PEFT adapter, nothing here")
+                continue
+            problem = mismatch_problem(f"shared {key}", tensor, current_shared[key], "the PEFT adapter")
+            if problem is not None:
+                problems.append(problem)
     if problems:
         raise CheckpointError(f"the PEFT adapter in {source} does not fit this model:\n  " + "\n  ".join(problems))
     for target, tensor in pairs:
@@ -245,7 +305,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], adapt
     Raises:
         CheckpointError: the method has no PEFT mapping, or nothing to save.
     """
-    carriers = list(adapter_layers(model))
+    carriers = canonical_adapter_layers(model)
     if not carriers:
         raise CheckpointError("this model has no qadapt layers; there is no adapter to save")
     if adapter_name is None:
@@ -278,9 +338,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], adapt
     stored, aliases = dedupe_tensors(tensors)
     for alias, key in aliases.items():
         stored[alias] = stored[key].clone()
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    settings = _settings_digest(config["peft_type"], hooks.options_from_peft(config))
+    metadata = {"format": "pt", SETTINGS_DIGEST_KEY: settings}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / PEFT_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(stored, tmp, metadata=metadata))
+    atomic_write(directory / PEFT_CONFIG_FILE, lambda tmp: Path(tmp).write_bytes(config_bytes))
     return directory

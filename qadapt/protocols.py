@@ -189,7 +189,16 @@ class Backend(_Plugin):
         """The quantized layer's output ``[..., out]`` for ``x [..., in]``, safe to modify in place."""
 
     # ----------------------------------------------------------- optional members
-    # Each is declared by a flag in ``capabilities``; the core asks only when the flag is set.
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        """Raise a :class:`qadapt.errors.ConfigError` when the options cannot quantize a float layer of
+        this shape (a group size that does not divide ``in_features``, say). Default: any shape.
+
+        Called for every float layer the backend would quantize, before any module is created;
+        ``wrap`` adds the layer's name and reports every layer that does not fit at once.
+        """
+
+    # Each member below is declared by a flag in ``capabilities``; the core asks only when it is set.
 
     def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         """Quantize ``weight [out, in]`` keeping ``like``'s scales (and any nested state) bit for bit.
@@ -214,7 +223,9 @@ class Backend(_Plugin):
         raise NotImplementedError(f"{type(self).__name__} does not implement group_layout")
 
     def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
-        """The effective per-group scales, float32 ``[num_groups]`` (what multiplies each group's codes)."""
+        """The effective per-group scales, float32 ``[num_groups]``: each group's weights are its codes'
+        values times its scale, in the backend's own units (bnb4: the dequantized absmax of each
+        block; bnb8: each row's ``SCB``, the codes being ``CB / 127``). Methods use ratios only."""
         raise NotImplementedError(f"{type(self).__name__} does not implement get_group_scales")
 
     def with_group_scales(self, storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:
@@ -248,27 +259,33 @@ class BaseLayer:
 
     ``base(x [..., in]) -> [..., out]`` runs the backend's forward; :meth:`weight` gives the
     dequantized weight for methods whose forward needs it (DoRA's norms, per-group scales).
+    Built over a module, or over bare storage (an export merges checkpoint tensors without
+    modules; calling such a BaseLayer raises).
     """
 
-    def __init__(self, backend: Backend, module: nn.Module) -> None:
+    def __init__(
+        self, backend: Backend, module: nn.Module | None = None, storage: QuantizedWeight | None = None
+    ) -> None:
+        if (module is None) == (storage is None):
+            raise TypeError("BaseLayer takes exactly one of module or storage")
         self.backend = backend
         self.module = module
+        self._storage = storage
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is None:
+            raise TypeError("this BaseLayer holds bare storage (no module); it has no forward")
         return self.backend.forward(self.module, x)
 
     @property
-    def features(self) -> tuple[int, int]:
-        """``(in_features, out_features)``."""
-        return self.backend.features(self.module)
-
-    @property
     def bias(self) -> torch.Tensor | None:
-        """The layer's bias ``[out]`` or None."""
-        return getattr(self.module, "bias", None)
+        """The layer's bias ``[out]`` or None (None for bare storage)."""
+        return None if self.module is None else getattr(self.module, "bias", None)
 
     def storage(self) -> QuantizedWeight:
         """The layer's current quantized storage."""
+        if self._storage is not None:
+            return self._storage
         return self.backend.get_storage(self.module)
 
     def weight(self) -> torch.Tensor:
@@ -299,11 +316,11 @@ class Method(_Plugin):
         size itself by the backend's groups or read the dequantized weight (DoRA's magnitude).
         """
 
-    def merge_storage(self, adapter: nn.Module, base: BaseLayer, storage: QuantizedWeight) -> QuantizedWeight | None:
-        """Optional: merge straight into the backend's storage, or None for the float path.
+    def merge_storage(self, adapter: nn.Module, backend: Backend, storage: QuantizedWeight) -> QuantizedWeight | None:
+        """Optional: merge straight into ``backend``'s storage, or None for the float path.
 
         A method whose change the format can represent exactly (per-group scales) returns new
-        storage here, and the core skips dequantize / requantize. ``storage`` is not modified.
+        storage here, and the core skips requantization. ``storage`` is not modified.
         """
         return None
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qadapt.protocols import Backend, QuantizedWeight
+from qadapt.protocols import Backend, BaseLayer, QuantizedWeight
 
 
 class FloatBackend(Backend):
@@ -50,3 +50,16 @@ class FloatBackend(Backend):
         if x.is_meta or not torch.is_autocast_enabled(x.device.type):
             x = x.to(module.weight.dtype)
         return F.linear(x, module.weight, module.bias)
+
+
+def float_base_layer(weight: torch.Tensor, bias: torch.Tensor | None = None) -> BaseLayer:
+    """A :class:`BaseLayer` over a plain float linear holding ``weight [out, in]`` and ``bias [out]``.
+
+    The reference a method's forward is compared with: the same call a quantized layer makes,
+    on the dequantized weight. The tensors are used as given (not copied).
+    """
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    linear.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+    return BaseLayer(FloatBackend(), linear)

@@ -23,6 +23,7 @@ from qadapt.errors import (
     PluginError,
     PluginLoadError,
     UnknownPluginError,
+    shorten,
 )
 from qadapt.install_hints import install_hint
 from qadapt.protocols import API_VERSION, BASE_CLASSES, REQUIRED_MEMBERS, Backend, Method
@@ -58,18 +59,21 @@ class _EntryPoint:
 
 
 _loaded: dict[tuple[Family, str], type] = {}
+#: Registered name (or None) per plugin class, found by :func:`registered_name`.
+_names: dict[type, str | None] = {}
 
 
 def refresh() -> None:
     """Forget loaded plugins and cached entry points (after installing a plugin, or changing ``sys.path``)."""
     _loaded.clear()
+    _names.clear()
     for family in FAMILIES:
         ExtensionManager.ENTRY_POINT_CACHE.pop(GROUP_PREFIX + family, None)
 
 
 def _check_family(family: str) -> Family:
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {shorten(family)}")
     return family  # type: ignore[return-value]
 
 
@@ -171,6 +175,50 @@ def load(family: Family, name: str) -> type:
     plugin.name = name
     _loaded[key] = plugin
     return plugin
+
+
+def registered_name(plugin: Method | Backend) -> str | None:
+    """The entry-point name ``plugin``'s own class is registered under, or None when it is not.
+
+    A subclass of a registered plugin is not registered by inheritance: it computes something
+    else, so it has to be registered under a name of its own. Only entry points of the package
+    that defines the class are imported to find out.
+    """
+    family: Family = "methods" if isinstance(plugin, Method) else "backends"
+    cls = type(plugin)
+    if cls not in _names:
+        _names[cls] = _find_name(family, cls)
+    return _names[cls]
+
+
+def _find_name(family: Family, cls: type) -> str | None:
+    own = cls.__dict__.get("name")  # set by load(), on the class itself (a subclass does not have it)
+    if isinstance(own, str) and own and _is_registered_as(family, own, cls):
+        return own
+    package = cls.__module__.split(".")[0]
+    for name, entries in sorted(_entry_points(family).items()):
+        if len(entries) == 1 and entries[0].value.split(":")[0].split(".")[0] == package:
+            if _is_registered_as(family, name, cls):
+                return name
+    return None
+
+
+def _is_registered_as(family: Family, name: str, cls: type) -> bool:
+    try:
+        return load(family, name) is cls
+    except PluginError:
+        return False
+
+
+def registration_hint(plugin: Method | Backend) -> str:
+    """How to register ``plugin``'s class, for error messages."""
+    family = "methods" if isinstance(plugin, Method) else "backends"
+    cls = type(plugin)
+    return (
+        f"register {cls.__module__}:{cls.__qualname__} as an entry point of your distribution "
+        f'(pyproject.toml: [project.entry-points."{GROUP_PREFIX}{family}"] my_name = "{cls.__module__}:'
+        f'{cls.__qualname__}") and reinstall it (pip install -e .)'
+    )
 
 
 def backend_class(name: str) -> type[Backend]:

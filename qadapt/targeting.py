@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qadapt.errors import ConfigError, TargetError
+from qadapt.errors import ConfigError, TargetError, clip, shorten
 
 ALL_LINEAR = "all-linear"
 REGEX_PREFIX = "re:"
@@ -59,13 +59,44 @@ def _compile(pattern: TargetPattern, field: str) -> _Matcher:
     if isinstance(pattern, re.Pattern):
         return _Matcher(pattern.pattern, pattern)
     if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{field} entries must be non-empty strings or regexes, got {pattern!r}")
+        raise ConfigError(f"{field} entries must be non-empty strings or regexes, got {shorten(pattern)}")
     if pattern.startswith(REGEX_PREFIX):
         try:
             return _Matcher(pattern, re.compile(pattern[len(REGEX_PREFIX) :]))
         except re.error as exc:
-            raise ConfigError(f"{field}: invalid regular expression {pattern!r}: {exc}") from exc
+            raise ConfigError(f"{field}: invalid regular expression {shorten(pattern)}: {exc}") from exc
     return _Matcher(pattern, None)
+
+
+#: Attributes under which torch's wrappers hold the module they wrap (``torch.compile``, FSDP,
+#: activation checkpointing); they are no part of a layer's canonical name.
+WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """``{name in model: canonical name}`` for every module: wrapper segments removed.
+
+    ``_orig_mod.model.layers.0.q_proj`` (a ``torch.compile``d model) and ``module.model...`` (in
+    ``DistributedDataParallel`` / ``DataParallel``) are both ``model.layers.0.q_proj``, so a
+    checkpoint saved from one loads onto the other.
+    """
+    names: dict[str, str] = {}
+    stack: list[tuple[nn.Module, str, str]] = [(model, "", "")]
+    seen: set[int] = set()
+    while stack:
+        module, actual, canonical = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        names[actual] = canonical
+        parallel = isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        for attr, child in reversed(list(module._modules.items())):
+            if child is None:
+                continue
+            skip = attr in WRAPPER_ATTRS or (parallel and attr == "module")
+            child_canonical = canonical if skip else (f"{canonical}.{attr}" if canonical else attr)
+            stack.append((child, f"{actual}.{attr}" if actual else attr, child_canonical))
+    return names
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -88,6 +119,9 @@ def select_targets(
 ) -> list[tuple[str, nn.Module]]:
     """The ``(fully-qualified name, module)`` pairs to wrap, in model order.
 
+    Patterns match a module's name in ``model`` or its canonical name (see :func:`canonical_names`),
+    so ``model.layers.0.q_proj`` also names that layer in a ``torch.compile``d model.
+
     ``is_linear`` says whether a module can take an adapter; ``is_wrapped`` marks modules that
     already are adapter layers (their inner modules are never targets).
 
@@ -106,15 +140,18 @@ def select_targets(
     chosen: list[tuple[str, nn.Module]] = []
     problems: list[str] = []
     wrapped_prefixes: list[str] = []
+    canonical = canonical_names(model)
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in wrapped_prefixes):
             continue
         wrapped = is_wrapped(module)
         if wrapped:
             wrapped_prefixes.append(name + ".")
-        if not name or any(m.matches(name) for m in excluders):
+        # A pattern may name the module as it is (``_orig_mod.model.x``) or canonically (``model.x``).
+        names = {name, canonical[name]}
+        if not name or any(m.matches(n) for m in excluders for n in names):
             continue
-        named = any(m.matches(name) for m in matchers)
+        named = any(m.matches(n) for m in matchers for n in names)
         if not named and not (all_linear and name not in heads and not wrapped and is_linear(module)):
             continue
         if wrapped:
@@ -140,7 +177,7 @@ def _no_match_message(model: nn.Module, patterns: Iterable[TargetPattern], is_li
         for candidate in difflib.get_close_matches(tail, leaves, n=3, cutoff=0.4):
             if candidate not in close:
                 close.append(candidate)
-    message = f"no module matched targets {shown}"
+    message = f"no module matched targets {clip(str(shown), 200)}"
     if close:
         message += f"; closest module names: {', '.join(close)}"
     if linear_names:
@@ -158,9 +195,10 @@ def name_filter(targets: Targets | None, exclude: Targets | None) -> Callable[[s
     matchers = [_compile(p, "targets") for p in patterns if p != ALL_LINEAR]
     excluders = [_compile(p, "exclude") for p in as_pattern_list(exclude, "exclude")]
 
-    def keep(name: str) -> bool:
-        if any(m.matches(name) for m in excluders):
+    def keep(*names: str) -> bool:
+        """True when any of ``names`` (a module's name, its canonical name) is matched and none excluded."""
+        if any(m.matches(name) for m in excluders for name in names):
             return False
-        return everything or any(m.matches(name) for m in matchers)
+        return everything or any(m.matches(name) for m in matchers for name in names)
 
     return keep

@@ -13,16 +13,24 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
 from qadapt import registry
 from qadapt.config import AUTO_BACKEND, QAdaptConfig, load_config, validate_config
-from qadapt.errors import ArgumentTypeError, ConfigError, PluginError, TargetError
+from qadapt.errors import ArgumentTypeError, ConfigError, LayerFitError, PluginError, TargetError
 from qadapt.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, Method
 from qadapt.reference import FloatBackend
-from qadapt.targeting import REGEX_PREFIX, Targets, as_pattern_list, select_targets
+from qadapt.targeting import (
+    REGEX_PREFIX,
+    WRAPPER_ATTRS,
+    Targets,
+    as_pattern_list,
+    canonical_names,
+    select_targets,
+)
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | QAdaptConfig
@@ -47,9 +55,29 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, QuantAdapterLinear]]
             yield name, module
 
 
+def canonical_adapter_layers(model: nn.Module) -> list[tuple[str, QuantAdapterLinear]]:
+    """:func:`adapter_layers` under their canonical names (see :func:`canonical_names`)."""
+    names = canonical_names(model)
+    return [(names[name], layer) for name, layer in adapter_layers(model)]
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """The module that torch wrappers around ``model`` (compile, DDP, FSDP) hold, or ``model``."""
+    while True:
+        parallel = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        attrs = [*WRAPPER_ATTRS, "module"] if parallel else WRAPPER_ATTRS
+        inner = next((model._modules[a] for a in attrs if model._modules.get(a) is not None), None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def shared_state(model: nn.Module) -> dict[str, nn.Module]:
-    """The shared method state per adapter name (only adapters whose method creates one)."""
-    return model.__dict__.setdefault(SHARED_ATTR, {})
+    """The shared method state per adapter name (only adapters whose method creates one).
+
+    Kept on the innermost wrapped module, so a ``torch.compile``d model and the model it wraps share it.
+    """
+    return _innermost(model).__dict__.setdefault(SHARED_ATTR, {})
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -63,6 +91,8 @@ def _installed_backends() -> tuple[list[Backend], list[str]]:
             found.append(registry.backend_class(name)())
         except PluginError as exc:
             failures.append(str(exc))
+        except ValidationError as exc:  # its options have no valid defaults: it cannot take part in "auto"
+            failures.append(f"backend {name!r} has options without valid defaults ({exc.error_count()} problem(s))")
     found.sort(key=lambda backend: isinstance(backend, FloatBackend))
     return found, failures
 
@@ -142,10 +172,11 @@ def plan_targets(
     """Every target with its backend and shape, checked against the method; nothing is modified.
 
     Raises:
-        TargetError / ConfigError: listing every layer that does not fit, not only the first.
+        TargetError: listing every layer that cannot be adapted, not only the first; a
+            :class:`LayerFitError` (also a ConfigError) when a ``check_layer`` refused any.
     """
     found = select_targets(model, targets, exclude, choice.is_linear, lambda m: isinstance(m, QuantAdapterLinear))
-    plan, problems = [], []
+    plan, problems, config_problems = [], [], 0
     for name, module in found:
         try:
             backend = choice.pick(name, module)
@@ -159,15 +190,24 @@ def plan_targets(
         if in_f <= 0 or out_f <= 0:
             problems.append(f"{name} ({in_f} -> {out_f}): a zero-sized layer has nothing to adapt")
             continue
-        try:
-            method.check_layer(in_f, out_f)
-        except ConfigError as exc:
-            problems.append(f"{name} ({in_f} -> {out_f}): {exc}")
+        # The backend's options matter only for the float layers it will quantize.
+        checks = [method.check_layer] if backend.owns(module) else [backend.check_layer, method.check_layer]
+        misfits = []
+        for check in checks:
+            try:
+                check(in_f, out_f)
+            except ConfigError as exc:
+                misfits.append(f"{name} ({in_f} -> {out_f}): {exc}")
+        if misfits:
+            problems += misfits
+            config_problems += len(misfits)
             continue
         plan.append(_Target(name, module, backend, in_f, out_f))
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise TargetError(f"cannot wrap {len(problems)} of {len(found)} target layers:\n  " + "\n  ".join(shown))
+        # An option that does not fit a layer is a config problem too: catchable as either.
+        error = LayerFitError if config_problems else TargetError
+        raise error(f"cannot wrap {len(problems)} of {len(found)} target layers:\n  " + "\n  ".join(shown))
     return plan
 
 
@@ -272,7 +312,8 @@ def resolve_wrap_config(
         raise ConfigError("backend_options given with a Backend instance; put the options in the instance")
     instances = {key: obj for key, obj in (("method", method), ("backend", backend)) if not isinstance(obj, str)}
     for key, obj in instances.items():
-        raw[key] = {"name": obj.name or type(obj).__name__, "options": obj.options.model_dump(mode="json")}
+        name = registry.registered_name(obj) or type(obj).__name__
+        raw[key] = {"name": name, "options": obj.options.model_dump(mode="json")}
     cfg = validate_config(raw, prevalidated=tuple(instances))
     method_obj = method if isinstance(method, Method) else registry.method_class(method)(cfg.method.options)
     backend_arg = backend

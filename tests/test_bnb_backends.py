@@ -113,3 +113,72 @@ def test_bnb4_fast_requantize_gives_the_bits_bitsandbytes_gives():
     assert weight.numel() >= fast_quant.FAST_MIN_ELEMENTS
     assert fast.requantize(weight, like=like).equal(plain.requantize(weight, like=like))
     assert fast_quant.verified(), "the compiled quantizer should pass its self-check on this machine"
+
+
+def test_the_hub_kernel_noise_is_dropped_and_other_bitsandbytes_warnings_pass(caplog):
+    """bitsandbytes logs the optional kernels-community lookup failing (offline, or `kernels` absent) at import
+    on AVX512-BF16 CPUs; qadapt_bnb drops that one record and nothing else."""
+    import logging
+
+    import qadapt_bnb
+    from qadapt_bnb import _quiet
+
+    assert qadapt_bnb.Bnb4Backend is not None
+    logger = logging.getLogger(_quiet.SOURCE_LOGGER)
+    with caplog.at_level(logging.DEBUG):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+            "`pip install kernels` and the kernels >= 0.11.1",
+            ModuleNotFoundError("No module named 'kernels'"),
+        )
+        logger.warning("a real bitsandbytes warning: %s", "kept")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["a real bitsandbytes warning: kept"]
+    dropped = [r for r in caplog.records if r.name == "qadapt_bnb"]
+    assert len(dropped) == 1 and dropped[0].levelno == logging.DEBUG and "kernels-community" in dropped[0].getMessage()
+
+
+_AS_IF_AVX512_BF16 = """
+import importlib.abc, importlib.util, sys
+
+class AsIfAvx512Bf16(importlib.abc.MetaPathFinder):
+    # bitsandbytes only tries the hub kernel on AVX512-BF16 CPUs: claim one while its CPU ops load.
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.backends.cpu.ops":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            import bitsandbytes.functional as functional
+            functional.has_avx512bf16 = lambda: True
+            run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AsIfAvx512Bf16())
+import logging
+logging.getLogger("bitsandbytes").warning("a real bitsandbytes warning")
+"""
+
+
+def test_importing_qadapt_bnb_on_an_avx512_bf16_cpu_prints_no_hub_kernel_line():
+    """One subprocess (importing bitsandbytes costs seconds): bitsandbytes does emit the line there (qadapt_bnb's
+    debug logger, printed to stdout, receives it), stderr does not show it, and other warnings still show."""
+    import subprocess
+    import sys
+
+    code = _AS_IF_AVX512_BF16 + (
+        "debug = logging.getLogger('qadapt_bnb')\n"
+        "debug.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "debug.setLevel(logging.DEBUG)\n"
+        "debug.propagate = False\n"
+        "import qadapt_bnb\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    assert line in proc.stdout, proc.stdout
+    assert line not in proc.stderr and "a real bitsandbytes warning" in proc.stderr, proc.stderr

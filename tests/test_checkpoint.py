@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import model_checksum
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 
 import qadapt
 import qadapt.checkpoint as checkpoint
 from qadapt.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from qadapt.errors import CheckpointError
+from qadapt.wrap import adapter_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -111,8 +113,6 @@ def test_tensor_shapes_are_checked_before_anything_is_written(tmp_path: Path):
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     key = sorted(tensors)[-1]
     tensors[key] = tensors[key][:, :-1].contiguous()
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path), metadata=header)
     target = trained("oft", {"block_size": 16}, seed=9)
     before = model_checksum(target)
@@ -156,3 +156,102 @@ def test_saving_needs_an_adapter(tmp_path: Path):
     model = trained("oft", {"block_size": 16})
     with pytest.raises(CheckpointError, match=r"no adapter named 'nope'.*adapters: default"):
         qadapt.save_adapter(model, tmp_path, adapter_name="nope")
+
+
+# ------------------------------------------------------------------------------- hardening (#13)
+
+
+def adapter_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".adapters." in n}
+
+
+def test_a_checkpoint_without_the_config_digest_still_loads(tmp_path: Path):
+    """Checkpoints saved before the weights header carried the config's digest stay readable."""
+    model = trained("oft", {"block_size": 16})
+    qadapt.save_adapter(model, tmp_path)
+    path = tmp_path / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    assert set(metadata) == {"qadapt", "qadapt_config_sha256"}
+    save_file(load_file(str(path)), str(path), metadata={"qadapt": metadata["qadapt"]})
+    loaded = qadapt.load_adapter(tiny_llama(), tmp_path)
+    assert model_checksum(loaded) == model_checksum(model)
+    # ... and an old checkpoint whose config describes another adapter is refused all the same.
+    other = tmp_path / "other"
+    qadapt.save_adapter(trained("oft", {"block_size": 8}), other)
+    (tmp_path / CONFIG_FILE).write_bytes((other / CONFIG_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="describes another adapter than"):
+        qadapt.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_model_built_from_plugin_instances_saves_registered_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Instances whose classes the registry never loaded (imported directly, or unpickled in a fresh
+    process) are saved under their entry-point names, so the checkpoint loads back."""
+    import io
+
+    from qadapt import registry
+    from qadapt_bnb.bnb8 import Bnb8Backend
+    from qadapt_oft.method import OFTMethod
+
+    for cls in (OFTMethod, Bnb8Backend):
+        monkeypatch.setattr(cls, "name", "")  # as in a process where the registry never loaded them
+    registry.refresh()
+    model = qadapt.wrap(tiny_llama(), method=OFTMethod({"block_size": 16}), backend=Bnb8Backend(), targets=TARGETS)
+    perturb_adapters(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    revived = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    for source, directory in ((model, tmp_path / "built"), (revived, tmp_path / "revived")):
+        qadapt.save_adapter(source, directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())["config"]
+        assert (config["method"]["name"], config["backend"]["name"]) == ("oft", "bnb8")
+        loaded = qadapt.load_adapter(tiny_llama(), directory)
+        values = adapter_values(loaded)
+        assert values.keys() == adapter_values(model).keys()
+        assert all(torch.equal(values[k], v) for k, v in adapter_values(model).items())
+
+
+@pytest.mark.parametrize(("method", "options"), [("oft", {"block_size": 16}), ("randlora", {"r": 8})])
+def test_names_are_canonical_for_a_compiled_model_both_ways(tmp_path: Path, method: str, options: dict):
+    """A torch.compile'd model saves plain layer names and loads plain checkpoints (nothing is run compiled)."""
+    model = trained(method, options)
+    compiled = torch.compile(model)
+    qadapt.save_adapter(compiled, tmp_path / "from-compiled")
+    keys = stored_keys(tmp_path / "from-compiled")
+    assert keys and not any("_orig_mod" in k for k in keys)
+    assert any(k.startswith("__shared__.") for k in keys) == (method == "randlora")
+    plain = qadapt.load_adapter(tiny_llama(), tmp_path / "from-compiled")
+    assert model_checksum(plain) == model_checksum(model)
+
+    qadapt.save_adapter(model, tmp_path / "plain")
+    target = torch.compile(tiny_llama())
+    qadapt.load_adapter(target, tmp_path / "plain")
+    assert model_checksum(target._orig_mod) == model_checksum(model)
+
+    qadapt.save_peft_adapter(compiled, tmp_path / "peft")
+    peft_keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    assert not any("_orig_mod" in k for k in peft_keys)
+    into_compiled = torch.compile(tiny_llama())
+    qadapt.load_peft_adapter(into_compiled, tmp_path / "peft", backend="none")
+    assert adapter_values(into_compiled._orig_mod).keys() == adapter_values(model).keys()
+
+
+def test_targets_name_layers_canonically_in_a_compiled_model():
+    """Full names and anchored regexes written for the plain model select the same layers in a compiled one."""
+    names = ["model.layers.0.self_attn.q_proj", r"re:model\.layers\.1\.mlp\..*_proj"]
+    plain = qadapt.wrap(tiny_llama(), method="oft", method_options={"block_size": 16}, targets=names)
+    compiled = qadapt.wrap(torch.compile(tiny_llama()), method="oft", method_options={"block_size": 16}, targets=names)
+    expected = [n for n, _ in adapter_layers(plain)]
+    assert len(expected) == 4
+    assert [n for n, _ in adapter_layers(compiled)] == ["_orig_mod." + n for n in expected]
+    qadapt.add_adapter(compiled, "second", "oft", method_options={"block_size": 16}, targets=names[:1])
+    assert [n for n, m in adapter_layers(compiled) if "second" in m.adapters] == ["_orig_mod." + expected[0]]
+
+
+def test_names_are_canonical_inside_data_parallel(tmp_path: Path):
+    """DataParallel's ``module.`` prefix is no part of saved names either (same wrapper rule as DDP)."""
+    model = trained("randlora", {"r": 8, "save_projection": True})
+    qadapt.save_adapter(torch.nn.DataParallel(model), tmp_path)
+    keys = stored_keys(tmp_path)
+    assert not any(k.startswith("module.") for k in keys) and any(k.startswith("__shared__.") for k in keys)
+    assert model_checksum(qadapt.load_adapter(tiny_llama(), tmp_path)) == model_checksum(model)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from conftest import BACKEND_IDS, BACKENDS
 from methods_for_tests import AddDelta, MixInput
+from pydantic import Field
+from torch import nn
 
 from qadapt import registry, testing
-from qadapt.protocols import QuantizedWeight
+from qadapt.protocols import PluginOptions, QuantizedWeight
 from qadapt.reference import FloatBackend
 
-BUILTIN_METHODS = [name for name in ("oft", "randlora") if name in registry.names("methods")]
+BUILTIN_METHODS = [name for name in ("oft", "randlora", "lora", "dora") if name in registry.names("methods")]
 LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]
 LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
 
@@ -88,3 +92,258 @@ def test_the_suite_catches_a_method_whose_merge_disagrees_with_its_forward():
 
     with pytest.raises(AssertionError, match="check_merge_weight_matches_forward"):
         testing.check_method(WrongMerge())
+
+
+# ----------------------------------------------------------------- options for the suite
+
+#: A second, format-changing option set per backend, for check_requantize_follows_like_not_options.
+OTHER_OPTIONS = {
+    "none": {},
+    "bnb8": {"threshold": 6.0},
+    "bnb4": {"quant_type": "fp4", "blocksize": 128, "compress_statistics": False},
+    "int8sym": {"compute_dtype": "bfloat16"},
+}
+
+
+@pytest.mark.parametrize("spec", [*BACKENDS, ("int8sym", {})], ids=[*BACKEND_IDS, "int8sym"])
+def test_backends_pass_the_contract_with_a_second_option_set(spec):
+    name, options = spec
+    testing.check_backend(name, options=options, other_options=OTHER_OPTIONS[name])
+
+
+# ------------------------------------------------------- plugins that got past the suite before
+
+
+class BufferLora(AddDelta):
+    """A LoRA whose B factor was registered as a buffer: B stays zero, so training never moves the output."""
+
+    def create_adapter(self, in_features, out_features, shared):
+        module = nn.Module()
+        module.a = nn.Parameter(torch.randn(2, in_features) * 0.1)
+        module.register_buffer("b", torch.zeros(out_features, 2))
+        return module
+
+    def forward(self, adapter, x, base_forward):
+        return base_forward(x) + x @ adapter.a.T @ adapter.b.T
+
+    def merge_weight(self, adapter, weight):
+        return weight + adapter.b @ adapter.a.detach()
+
+    def unmerge_weight(self, adapter, weight):
+        return weight - adapter.b @ adapter.a.detach()
+
+
+class CopyingSetStorage(FloatBackend):
+    """set_storage copies into the current tensor instead of swapping it in."""
+
+    def set_storage(self, module, storage):
+        module.weight.data.copy_(storage.tensors["weight"])
+
+
+class CastOptions(PluginOptions):
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class IgnoresLike(FloatBackend):
+    """'Quantizes' by casting to options.dtype, and requantizes with its own options instead of `like`'s."""
+
+    Options = CastOptions
+
+    def quantize(self, linear):
+        return linear.to(getattr(torch, self.options.dtype))
+
+    def requantize(self, weight, like):
+        return QuantizedWeight({"weight": weight.to(getattr(torch, self.options.dtype))})
+
+
+class InferenceStorage(FloatBackend):
+    """Makes its storage under torch.inference_mode (load_state_dict cannot write into it)."""
+
+    def quantize(self, linear):
+        with torch.inference_mode():
+            weight = linear.weight.detach().clone()
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        return linear
+
+
+class ViewForward(FloatBackend):
+    """Keeps an output scratch tensor in its storage and returns it from forward."""
+
+    def quantize(self, linear):
+        linear.register_buffer("scratch", torch.empty(0))
+        return linear
+
+    def get_storage(self, module):
+        return QuantizedWeight({"weight": module.weight.data, "scratch": module.scratch})
+
+    def set_storage(self, module, storage):
+        module.weight.data = storage.tensors["weight"]
+        module.scratch = storage.tensors["scratch"]
+
+    def requantize(self, weight, like):
+        return QuantizedWeight({"weight": weight.to(like.tensors["weight"].dtype), "scratch": torch.empty(0)})
+
+    def forward(self, module, x):
+        out = super().forward(module, x)
+        if torch.is_grad_enabled():
+            return out
+        if module.scratch.shape != out.shape:
+            module.scratch = torch.empty_like(out)
+        return module.scratch.copy_(out)
+
+
+class NoGradDelta(AddDelta):
+    """Computes its delta under no_grad: the output does not depend on the adapter through autograd."""
+
+    def forward(self, adapter, x, base_forward):
+        with torch.no_grad():
+            delta = x @ adapter.delta.to(x.dtype).T
+        return base_forward(x) + delta
+
+
+class DetachingBackend(FloatBackend):
+    """Detaches its input: no gradient reaches anything before the layer."""
+
+    def forward(self, module, x):
+        return super().forward(module, x.detach())
+
+
+class Bf16Merge(AddDelta):
+    """merge_weight returns bfloat16."""
+
+    def merge_weight(self, adapter, weight):
+        return (weight + adapter.delta.float()).bfloat16()
+
+
+class RequiredOptions(PluginOptions):
+    scale: float = Field(description="No default: the suite must be told a value.")
+    seed: int = 0
+
+
+class NoDefaults(AddDelta):
+    Options = RequiredOptions
+
+
+@pytest.mark.parametrize(
+    ("run", "rule", "message"),
+    [
+        (
+            lambda: testing.check_method(BufferLora()),
+            "check_training_step_moves_the_output",
+            "every adapter gradient is zero",
+        ),
+        (
+            lambda: testing.check_backend(CopyingSetStorage()),
+            "check_set_storage_swaps_and_snapshot_restores_bits",
+            "set_storage() wrote into the storage it replaced",
+        ),
+        (
+            lambda: testing.check_backend(IgnoresLike, options={"dtype": "bfloat16"}, other_options={}),
+            "check_requantize_follows_like_not_options",
+            "requantize() depends on the instance's options, not only on `like`",
+        ),
+        (
+            lambda: testing.check_backend(InferenceStorage()),
+            "check_state_dict_round_trip",
+            "storage from quantize() holds inference tensors ['weight']",
+        ),
+        (
+            lambda: testing.check_backend(ViewForward()),
+            "check_forward_output_is_fresh_and_storage_untouched",
+            "forward() returned a tensor that shares memory with the layer's storage",
+        ),
+        (
+            lambda: testing.check_method(NoGradDelta()),
+            "check_adapter_is_trainable_and_alone",
+            "the adapted output does not require grad",
+        ),
+        (
+            lambda: testing.check_backend(DetachingBackend()),
+            "check_gradient_reaches_input",
+            "forward() output does not depend on the input through autograd",
+        ),
+        (
+            lambda: testing.check_method(Bf16Merge()),
+            "check_merge_weight_matches_forward",
+            "merge_weight() returned torch.bfloat16; the contract is float32",
+        ),
+    ],
+    ids=[
+        "buffer-adapter",
+        "copying-set-storage",
+        "requantize-ignores-like",
+        "inference-storage",
+        "forward-view-of-storage",
+        "no-grad-delta",
+        "detaching-backend",
+        "bf16-merge",
+    ],
+)
+def test_the_suite_names_the_rule_a_broken_plugin_breaks(run, rule, message):
+    with pytest.raises(AssertionError) as info:
+        run()
+    text = str(info.value)
+    assert f"{rule}: {message}" in text, text
+
+
+def test_an_options_model_without_defaults_is_named_and_options_can_be_passed():
+    with pytest.raises(
+        AssertionError,
+        match=r"options: NoDefaults cannot be built from its Options model's defaults "
+        r"\(1 problem\(s\): scale: Field required\).*pass options=\{\.\.\.\} to the suite",
+    ):
+        testing.check_method(NoDefaults)
+    testing.check_method(NoDefaults, options={"scale": 0.05})
+    with pytest.raises(AssertionError, match=r"cannot be built from the options passed to the suite"):
+        testing.check_method(NoDefaults, options={"scale": "big"})
+
+
+def test_an_unexpected_exception_is_reported_under_its_check():
+    class Exploding(AddDelta):
+        def unmerge_weight(self, adapter, weight):
+            raise KeyError("boom")
+
+    with pytest.raises(AssertionError, match=r"check_unmerge_weight_inverts_merge_weight: raised KeyError: 'boom'"):
+        testing.check_method(Exploding())
+
+
+def test_check_layer_must_refuse_with_a_config_error_and_accept_only_what_works():
+    class BareError(AddDelta):
+        def check_layer(self, in_features, out_features):
+            if in_features % 2:
+                raise ValueError("odd")
+
+    class AcceptsTooMuch(FloatBackend):
+        def quantize(self, linear):
+            if linear.in_features % 2:
+                raise RuntimeError("odd widths are not supported")
+            return linear
+
+    with pytest.raises(
+        AssertionError, match=r"check_layer\(7, 5\) raised ValueError \(odd\); it must raise .*ConfigError"
+    ):
+        testing.check_method(BareError())
+    with pytest.raises(AssertionError, match=r"check_layer\(7, 5\) accepted the shape but quantize\(\) raised"):
+        testing.check_check_layer_agrees_with_quantize(AcceptsTooMuch())
+
+
+def test_the_suite_catches_a_keep_state_requantize_that_recomputes_scales():
+    from qadapt_bnb.bnb8 import Bnb8Backend
+
+    class FreshScales(Bnb8Backend):
+        def requantize_keep_state(self, weight, like):
+            return self.requantize(weight, like)
+
+    with pytest.raises(AssertionError, match=r"check_keep_state_requantize: .* farther from the target"):
+        testing.check_backend(FreshScales())
+
+
+def test_the_suite_catches_group_scales_that_leak_into_other_groups():
+    from qadapt_bnb.bnb8 import Bnb8Backend
+
+    class Leaky(Bnb8Backend):
+        def with_group_scales(self, storage, scales):
+            return super().with_group_scales(storage, scales * 1.1)
+
+    with pytest.raises(AssertionError, match=r"check_group_scales: with_group_scales\(get_group_scales\(\)\) moves"):
+        testing.check_backend(Leaky())

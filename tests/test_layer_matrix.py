@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import BACKEND_IDS, BACKENDS, float_linear
 from methods_for_tests import AddDelta, MixInput
 
 from qadapt import AdapterStateError, QuantAdapterLinear, TargetError, UnsafeMergeError
 from qadapt.errors import CapabilityError, ConfigError
+from qadapt.reference import float_base_layer
+from qadapt_lora import DoraMethod, LoraMethod
 
-METHODS = [AddDelta, MixInput]
+#: Non-zero from the start (init_weights=False): a LoRA / DoRA update of a few percent of the weight.
+LORA_START = {"r": 4, "alpha": 1, "init_weights": False}
+METHODS = [AddDelta, MixInput, lambda: LoraMethod(LORA_START), lambda: DoraMethod(LORA_START)]
+METHOD_IDS = ["add_delta", "mix_input", "lora", "dora"]
 IN, OUT = 192, 96
 
 
@@ -24,7 +28,7 @@ def backend_spec(request):
     return request.param
 
 
-@pytest.fixture(params=METHODS, ids=[m.name for m in METHODS])
+@pytest.fixture(params=METHODS, ids=METHOD_IDS)
 def layer(request, backend_spec) -> QuantAdapterLinear:
     name, options = backend_spec
     return QuantAdapterLinear(float_linear(IN, OUT), request.param(), name, backend_options=options)
@@ -39,12 +43,9 @@ def reference(layer: QuantAdapterLinear, x: torch.Tensor) -> torch.Tensor:
     """The method applied around a plain float linear holding the dequantized weight."""
     weight = layer.backend.dequantize_module(layer.base)
     bias = layer.base.bias
-
-    def base_forward(z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z, weight, None if bias is None else bias.float())
-
+    base = float_base_layer(weight, None if bias is None else bias.float())
     name = layer.active_adapter
-    return layer.methods[name].forward(layer.adapters[name], x, base_forward)
+    return layer.methods[name].forward(layer.adapters[name], x, base)
 
 
 def test_forward_equals_dequantized_weight_reference(layer, x):
@@ -66,8 +67,9 @@ def test_exact_unmerge_restores_storage_bit_identically(layer, x):
     before = layer.backend.snapshot(layer.base)
     with torch.no_grad():
         out_before = layer.base_forward(x)
-    layer.merge()
-    assert not layer.backend.get_storage(layer.base).equal(before)
+    result = layer.merge()
+    # A merge writes new storage, unless the guard kept the old one (it would have been worse).
+    assert layer.backend.get_storage(layer.base).equal(before) == result.reverted
     layer.unmerge("exact")
     assert layer.backend.get_storage(layer.base).equal(before)
     with torch.no_grad():

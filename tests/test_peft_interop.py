@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import model_checksum
-from peft import OFTConfig, PeftModel, RandLoraConfig, get_peft_model
+from peft import LoraConfig, OFTConfig, PeftModel, RandLoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
 
@@ -17,8 +18,14 @@ from qadapt.errors import CheckpointError
 from qadapt.wrap import adapter_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-METHODS = [("oft", {"block_size": 16}), ("randlora", {"r": 8}), ("randlora", {"r": 8, "save_projection": False})]
-METHOD_IDS = ["oft", "randlora", "randlora-regenerated"]
+METHODS = [
+    ("oft", {"block_size": 16}),
+    ("randlora", {"r": 8}),
+    ("randlora", {"r": 8, "save_projection": False}),
+    ("lora", {"r": 4, "alpha": 16}),
+    ("dora", {"r": 4, "use_rslora": True}),
+]
+METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,6 +71,7 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
 
     back = qadapt.load_peft_adapter(tiny_llama(), tmp_path, backend=backend)
     assert relative_error(float_math_output(back, ids), expected) < 1e-5
+    assert {layer.methods["default"].name for _, layer in adapter_layers(back)} == {method}
 
 
 @pytest.mark.parametrize(
@@ -73,8 +81,11 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         OFTConfig(target_modules=TARGETS, r=4, oft_block_size=0, init_weights=False, use_cayley_neumann=False),
         RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False),
         RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False, save_projection=False),
+        LoraConfig(target_modules=TARGETS, r=4, lora_alpha=16, init_lora_weights=False),
+        LoraConfig(target_modules=TARGETS, r=8, use_rslora=True, init_lora_weights="gaussian", lora_dropout=0.1),
+        LoraConfig(target_modules=TARGETS, r=4, use_dora=True, init_lora_weights=False),
     ],
-    ids=["oft-block-size", "oft-r-exact-cayley", "randlora", "randlora-regenerated"],
+    ids=["oft-block-size", "oft-r-exact-cayley", "randlora", "randlora-regenerated", "lora", "lora-rslora", "dora"],
 )
 def test_peft_to_qadapt(tmp_path: Path, peft_config):
     ids = token_ids()
@@ -82,8 +93,8 @@ def test_peft_to_qadapt(tmp_path: Path, peft_config):
     peft_model = get_peft_model(tiny_llama(), peft_config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if param.requires_grad and "randlora_gamma" in name:
-                param.mul_(1 + 0.1 * torch.randn_like(param))
+            if param.requires_grad and any(key in name for key in ("randlora_gamma", "lora_B", "magnitude")):
+                param.mul_(1 + 0.1 * torch.randn_like(param)).add_(0.01 * torch.randn_like(param))
     peft_model.eval()
     with torch.no_grad():
         expected = model_output(peft_model, ids)
@@ -107,17 +118,25 @@ def write_peft_oft(directory: Path, **config_changes) -> None:
     config = json.loads(path.read_text())
     config.update(config_changes)
     path.write_text(json.dumps(config))
+    as_written_by_peft(directory)
+
+
+def as_written_by_peft(directory: Path) -> None:
+    """Drop qadapt's settings digest from the weights header, as in a directory PEFT wrote."""
+    weights = directory / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         (
-            {"peft_type": "LORA"},
-            r"no installed qadapt method reads PEFT adapters of type 'LORA'; supported: OFT, RANDLORA",
+            {"peft_type": "VERA"},
+            r"no installed qadapt method reads PEFT adapters of type 'VERA' with this config; supported types: "
+            r"LORA, OFT, RANDLORA",
         ),
         ({"bias": "all"}, r"unsupported PEFT settings: bias='all'"),
-        ({"oft_block_size": 8}, r"q_proj.weight: shape \(4, 120\) in the PEFT adapter, \(8, 28\) here"),
+        ({"oft_block_size": 8}, r"q_proj.weight' has shape \(4, 120\) in the PEFT adapter, \(8, 28\) in the model"),
         ({"eps": -1.0}, r"(?s)adapter_config.json: method.options.eps: Input should be greater than 0"),
     ],
     ids=["unknown-type", "bias", "shape", "bad-option"],

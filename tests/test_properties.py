@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from methods_for_tests import AddDelta, KnownOptions, MixInput
@@ -27,6 +26,7 @@ from torch import nn
 
 import qadapt
 from qadapt.protocols import QuantizedWeight
+from qadapt.reference import float_base_layer
 
 SETTINGS = settings(
     max_examples=200,
@@ -96,6 +96,12 @@ def perturb(layer: qadapt.QuantAdapterLinear, seed: int) -> None:
         adapter.weight.copy_(torch.randn(adapter.weight.shape, generator=generator) * 0.05 / math.sqrt(block))
     elif layer.methods["default"].name == "randlora":
         adapter.lambda_.copy_(torch.randn(adapter.lambda_.shape, generator=generator) * 1e-3)
+    elif layer.methods["default"].name in ("lora", "dora"):
+        # B A then moves the weight by about 5 % (A is Kaiming-uniform: rows of norm ~ 1).
+        scale = 0.05 / math.sqrt(layer.in_features)
+        adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=generator) * scale)
+        if hasattr(adapter, "magnitude"):
+            adapter.magnitude.mul_(1 + 0.05 * torch.randn(adapter.magnitude.shape, generator=generator))
 
 
 def hqq_options_that_fit(in_features: int, out_features: int) -> list[dict]:
@@ -140,7 +146,7 @@ def cases(draw: st.DrawFn) -> Case:
         backend_options.update(nf4_block_size=block, nf4_scaler_block_size=scaler)
     elif backend == "hqq":
         backend_options.update(draw(st.sampled_from(hqq_options_that_fit(in_features, out_features))))
-    method = draw(st.sampled_from(["oft", "randlora", "add_delta", "mix_input"]))
+    method = draw(st.sampled_from(["oft", "randlora", "lora", "dora", "add_delta", "mix_input"]))
     if method == "oft":
         # OFT needs a block size that divides in_features; small blocks keep the example fast.
         divisors = [d for d in range(1, min(in_features, 64) + 1) if in_features % d == 0]
@@ -149,6 +155,9 @@ def cases(draw: st.DrawFn) -> Case:
         # r = 1 on a layer with a side of 1 draws a one-element basis: see the xfail test below.
         smallest_r = 2 if min(in_features, out_features) == 1 else 1
         method_options = {"r": draw(st.integers(smallest_r, 8)), "projection_prng_key": draw(st.integers(0, 5))}
+    elif method in ("lora", "dora"):
+        r = draw(st.integers(1, 8))
+        method_options = {"r": r, "alpha": float(r), "use_rslora": draw(st.booleans())}
     else:
         method_options = {"scale": 0.2 / math.sqrt(in_features), "seed": draw(st.integers(0, 5))}
     return Case(
@@ -174,11 +183,7 @@ def reference_forward(layer: qadapt.QuantAdapterLinear, x: torch.Tensor) -> torc
     """The method around a float32 linear holding the dequantized weight (float32 throughout)."""
     weight = layer.backend.dequantize_module(layer.base)
     bias = None if layer.base.bias is None else layer.base.bias.float()
-
-    def base_forward(z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z.float(), weight, bias)
-
-    return layer.methods["default"].forward(layer.adapters["default"], x.float(), base_forward)
+    return layer.methods["default"].forward(layer.adapters["default"], x.float(), float_base_layer(weight, bias))
 
 
 # ----------------------------------------------------------------------------- bnb4 decoding

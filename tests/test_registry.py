@@ -183,7 +183,7 @@ def test_loading_one_plugin_imports_only_that_plugin():
         "import sys, qadapt\n"
         "qadapt.registry.load('backends', 'none'); qadapt.registry.load('methods', 'rowscale')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('bitsandbytes', 'qadapt_bnb', 'qadapt_oft', 'qadapt_randlora')))"
+        "('bitsandbytes', 'qadapt_bnb', 'qadapt_oft', 'qadapt_randlora', 'qadapt_scales')))"
     )
     assert out == "[]"
 
@@ -196,6 +196,8 @@ def test_core_source_never_names_a_plugin_package():
             "qadapt_bnb",
             "qadapt_oft",
             "qadapt_randlora",
+            "qadapt_lora",
+            "qadapt_scales",
             "qadapt_torchao",
             "qadapt_hqq",
             "bitsandbytes",
@@ -231,7 +233,16 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         registered = archive.read(entry_points).decode()
     assert {"qadapt", "qadapt_bnb"} <= top_level
-    assert top_level <= {"qadapt", "qadapt_bnb", "qadapt_hqq", "qadapt_oft", "qadapt_randlora", "qadapt_torchao"}
+    assert top_level <= {
+        "qadapt",
+        "qadapt_bnb",
+        "qadapt_hqq",
+        "qadapt_lora",
+        "qadapt_oft",
+        "qadapt_randlora",
+        "qadapt_scales",
+        "qadapt_torchao",
+    }
     assert {"qadapt_torchao", "qadapt_hqq"} <= top_level
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
     assert "torchao = qadapt_torchao.backend:TorchaoBackend" in registered and "hqq = qadapt_hqq.backend" in registered

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import model_checksum
 from methods_for_tests import AddDelta, KnownOptions, MixInput
+from qadapt_int8sym import Int8SymBackend
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
 
 import qadapt
-from qadapt.errors import AdapterStateError, ConfigError, TargetError, UnsafeMergeError
+from qadapt.errors import AdapterStateError, ConfigError, LayerFitError, TargetError, UnsafeMergeError
 from qadapt.protocols import Method
 
 
@@ -82,11 +83,41 @@ def test_failed_check_leaves_the_model_bit_identical_and_lists_every_layer():
     model = tiny_llama()
     before = model_checksum(model)
     flags = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(TargetError, match=r"(?s)cannot wrap 2 of 14.*model.layers.0.mlp.down_proj \(128 -> 64\)"):
+    with pytest.raises(
+        TargetError, match=r"(?s)cannot wrap 2 of 14.*model.layers.0.mlp.down_proj \(128 -> 64\)"
+    ) as info:
         qadapt.wrap(model, method=RefusesWideLayers(), backend="bnb4")
+    # What docs/concepts.md says: check_layer raises ConfigError, and that is what reaches the user.
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, LayerFitError)
     assert model_checksum(model) == before
     assert not layer_names(model)
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+class GroupedInt8(Int8SymBackend):
+    """The example int8 backend, with (pretend) groups of 48 inputs that must divide in_features."""
+
+    name = "grouped"
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        if in_features % 48:
+            raise ConfigError(f"backend.options.group_size=48 does not divide in_features={in_features}")
+
+
+def test_backend_check_layer_names_every_float_layer_it_cannot_quantize():
+    model = tiny_llama()
+    before = model_checksum(model)
+    with pytest.raises(LayerFitError) as info:
+        qadapt.wrap(model, method="lora", backend=GroupedInt8(), targets=["q_proj", "down_proj"])
+    message = str(info.value)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, TargetError)
+    assert "cannot wrap 4 of 4 target layers" in message
+    for index in (0, 1):
+        assert f"model.layers.{index}.self_attn.q_proj (64 -> 64): backend.options.group_size=48" in message
+        assert f"model.layers.{index}.mlp.down_proj (128 -> 64): backend.options.group_size=48" in message
+    assert model_checksum(model) == before and not layer_names(model)
+    with pytest.raises(ConfigError, match="in_features=64"):
+        qadapt.QuantAdapterLinear(nn.Linear(64, 8), "lora", GroupedInt8())
 
 
 class FailsOnSecondAdapter(AddDelta):
@@ -136,10 +167,33 @@ def test_summary_counts():
     assert info.layers == 4 and info.adapters == ["default"]
     # AddDelta holds a full [out, in] delta per layer: q_proj 64x64, k_proj 32x64.
     assert info.trainable_params == 2 * (64 * 64 + 32 * 64)
-    assert info.total_params == sum(p.numel() for p in model.parameters())
     packed = sum(m.base.weight.numel() for m in model.modules() if isinstance(m, qadapt.QuantAdapterLinear))
     assert packed < info.quantized_bytes < 2 * packed  # 4-bit codes plus scales
+    assert info.quantized_bytes < info.total_bytes
     assert "layers wrapped:   4 (bnb4 x4)" in str(info)
+
+
+def test_summary_counts_the_same_whatever_the_backend_stores_codes_in():
+    """bnb4 keeps packed codes in a Parameter, int8sym in buffers, bnb8 in a Parameter and its matmul state:
+    the weights they represent count alike, and every byte the model holds is counted once."""
+    plain = tiny_llama()
+    float_params = sum(p.numel() for p in plain.parameters())
+    float_bytes = sum(t.numel() * t.element_size() for t in [*plain.parameters(), *plain.buffers()])
+    infos = {}
+    for backend in ("none", "bnb4", "bnb8", "int8sym"):
+        model = qadapt.wrap(tiny_llama(), method="lora", backend=backend, targets=["q_proj", "down_proj"])
+        with torch.no_grad():
+            model(token_ids())  # bnb8 moves its codes into its matmul state on the first forward
+        infos[backend] = qadapt.summary(model)
+    adapters = infos["none"].trainable_params
+    assert adapters == 2 * 8 * ((64 + 64) + (128 + 64))
+    for backend, info in infos.items():
+        assert info.trainable_params == adapters, backend
+        assert info.total_params == float_params + adapters, backend
+    assert infos["none"].total_bytes == float_bytes + 4 * adapters
+    for backend in ("bnb4", "bnb8", "int8sym"):
+        saved = infos["none"].quantized_bytes - infos[backend].quantized_bytes
+        assert saved > 0 and infos[backend].total_bytes == infos["none"].total_bytes - saved, backend
 
 
 # -------------------------------------------------------------------------------------------- merge
@@ -266,3 +320,26 @@ def test_wrap_by_plugin_name_validates_options_with_locations():
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(layer.methods["default"], Method) and layer.methods["default"].options.init == 0.5
     perturb_adapters(model)
+
+
+def test_auto_skips_a_backend_whose_options_have_no_valid_defaults(make_distribution):
+    make_distribution(
+        "needs-options",
+        "1.0",
+        {"qadapt.backends": {"needsopts": "needs_opts:NeedsOptions"}},
+        {
+            "needs_opts": """
+            from pydantic import Field
+            from qadapt.protocols import PluginOptions
+            from qadapt.reference import FloatBackend
+
+            class Required(PluginOptions):
+                bits: int = Field(description="no default")
+
+            class NeedsOptions(FloatBackend):
+                Options = Required
+            """
+        },
+    )
+    model = qadapt.wrap(tiny_llama(), method="lora", backend="auto", targets="q_proj")
+    assert qadapt.summary(model).backends == {"none": 2}

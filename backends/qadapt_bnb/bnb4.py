@@ -12,8 +12,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
-from qadapt_bnb import fast_quant
+from qadapt.protocols import (
+    Backend,
+    BackendCapabilities,
+    CalibrationStats,
+    GroupLayout,
+    PluginOptions,
+    QuantizedWeight,
+)
+from qadapt_bnb import bnb4_codes, fast_quant
 from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
@@ -93,9 +100,14 @@ class Bnb4Backend(Backend):
 
     Storage: ``data`` (packed codes, two per byte), ``absmax`` (one scale per block), ``code``
     (the 16 levels); with double quantization also ``offset``, ``nested_absmax``, ``nested_code``.
+
+    Merges keep the scale state bit for bit and choose codes (:meth:`requantize_keep_state`), or
+    choose codes and scales against calibration statistics (:meth:`requantize_calibrated`); the
+    per-block scales are the group scales (one group per absmax block of the flattened weight).
     """
 
     Options = Bnb4Options
+    capabilities = BackendCapabilities(keep_state=True, calibrated=True, group_scales=True)
 
     def owns(self, module: nn.Module) -> bool:
         return isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None
@@ -182,6 +194,23 @@ class Bnb4Backend(Backend):
             compress_statistics=m["nested"],
             quant_storage=like.tensors["data"].dtype,
         )
+
+    def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        return bnb4_codes.keep_state(weight, like)
+
+    def requantize_calibrated(
+        self, weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationStats
+    ) -> QuantizedWeight:
+        return bnb4_codes.calibrated(weight, like, stats)
+
+    def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
+        return bnb4_codes.layout(storage)
+
+    def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
+        return bnb4_codes.effective_absmax(storage)
+
+    def with_group_scales(self, storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:
+        return bnb4_codes.with_group_scales(storage, scales)
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         _canonical(module)

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from pydantic import Field
 from torch import nn
 
-from qadapt.protocols import Backend, PluginOptions, QuantizedWeight
+from qadapt import rounding
+from qadapt.protocols import (
+    Backend,
+    BackendCapabilities,
+    CalibrationStats,
+    GroupLayout,
+    PluginOptions,
+    QuantizedWeight,
+)
+from qadapt_bnb.bnb4_codes import MIN_ROWS_PER_FEATURE, warn_few_rows
+
+#: bitsandbytes' int8 dequantize multiplies by this float32 constant (1 / 127), after the row scale.
+_INV_127 = torch.tensor(7.874015718698502e-3, dtype=torch.float32)
 
 
 class Bnb8Options(PluginOptions):
@@ -17,7 +31,12 @@ class Bnb8Options(PluginOptions):
     threshold: float = Field(
         0.0,
         ge=0.0,
-        description="Outlier threshold of LLM.int8(): input columns above it run in 16-bit (0 disables).",
+        le=65504.0,
+        allow_inf_nan=False,
+        description=(
+            "Outlier threshold of LLM.int8(): input columns above it run in 16-bit (0 disables); at most 65504, "
+            "the largest float16, beyond which no input column can lie."
+        ),
     )
 
 
@@ -25,6 +44,16 @@ def _scales(module: nn.Module) -> torch.Tensor | None:
     # Linear8bitLt moves CB/SCB from the weight into its matmul state on first forward.
     scb = module.state.SCB
     return scb if scb is not None else getattr(module.weight, "SCB", None)
+
+
+@functools.cache
+def _codebook() -> rounding.Codebook:
+    return rounding.Codebook(torch.arange(-127, 128, dtype=torch.float32))
+
+
+def _step(scb: torch.Tensor) -> torch.Tensor:
+    """Per-row value of one int8 step ``[out, 1]``: ``SCB / 127`` as the dequantize computes it."""
+    return scb.float().reshape(-1, 1) * _INV_127.to(scb.device)
 
 
 class Bnb8Backend(Backend):
@@ -35,9 +64,14 @@ class Bnb8Backend(Backend):
     The forward is bitsandbytes' own and follows the module's mode: in training mode it multiplies
     by the dequantized weight (equal to the float reference up to rounding); in eval mode it runs
     LLM.int8(), which also quantizes the activations row-wise (about 1e-2 relative difference).
+
+    Merges keep ``SCB`` bit for bit and choose ``CB`` (:meth:`requantize_keep_state`), or choose
+    both against calibration statistics (:meth:`requantize_calibrated`). The group scales are the
+    rows' ``SCB`` (one group per row).
     """
 
     Options = Bnb8Options
+    capabilities = BackendCapabilities(keep_state=True, calibrated=True, group_scales=True)
 
     def owns(self, module: nn.Module) -> bool:
         return (
@@ -85,6 +119,48 @@ class Bnb8Backend(Backend):
     def requantize(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         cb, scb, _ = bnbF.int8_vectorwise_quant(weight.detach().float().contiguous())
         return QuantizedWeight({"CB": cb, "SCB": scb})
+
+    def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
+        scb = like.tensors["SCB"]
+        target = weight.detach().float().to(scb.device)
+        steps = _step(scb).expand_as(target)
+        codes = rounding.nearest_codes(target, steps, _codebook())
+        return QuantizedWeight({"CB": (codes - 127).to(torch.int8), "SCB": scb})
+
+    def requantize_calibrated(
+        self, weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationStats
+    ) -> QuantizedWeight:
+        """Codes by error feedback and row scales by least squares against ``stats.hessian``."""
+        in_features = weight.shape[1]
+        if stats.rows < MIN_ROWS_PER_FEATURE * in_features:
+            warn_few_rows(stats.rows, in_features)
+            return self.requantize_keep_state(weight, like)
+        scb = like.tensors["SCB"]
+        target = weight.detach().float().to(scb.device)
+        result = rounding.calibrated_round(
+            target,
+            stats.hessian,
+            _codebook(),
+            GroupLayout(group_size=in_features, num_groups=target.shape[0]),
+            _step(scb).reshape(-1),
+            damp=stats.damp,
+        )
+        new_scb = scb if not result.scales_changed else (result.scales / _INV_127.to(scb.device)).float()
+        return QuantizedWeight({"CB": (result.codes - 127).to(torch.int8), "SCB": new_scb})
+
+    def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
+        out_features, in_features = storage.tensors["CB"].shape
+        return GroupLayout(group_size=in_features, num_groups=out_features)
+
+    def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
+        return storage.tensors["SCB"].float()
+
+    def with_group_scales(self, storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:
+        expected = storage.tensors["CB"].shape[0]
+        if tuple(scales.shape) != (expected,):
+            raise ValueError(f"bnb8 group scales must have shape ({expected},), got {tuple(scales.shape)}")
+        scb = scales.detach().float().to(storage.tensors["SCB"].device).contiguous().clone()
+        return QuantizedWeight({"CB": storage.tensors["CB"], "SCB": scb})
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)

@@ -12,6 +12,12 @@ from qadapt.protocols import PluginOptions
 
 #: Block size used when neither ``r`` nor ``block_size`` is given (PEFT's default ``oft_block_size``).
 DEFAULT_BLOCK_SIZE = 32
+#: No layer is wider than this many input features, so neither r nor block_size can exceed it.
+MAX_BLOCKS = 2**16
+#: A block of side b stores b(b-1)/2 parameters and costs b^3 per Cayley solve; 8192 is already 32M parameters.
+MAX_BLOCK_SIZE = 8192
+#: Each Neumann term is one b x b matmul per block, and the terms shrink like ||Q||^k; past 32 they add nothing.
+MAX_NEUMANN_TERMS = 32
 
 
 class OFTOptions(PluginOptions):
@@ -20,12 +26,20 @@ class OFTOptions(PluginOptions):
     r: int | None = Field(
         None,
         ge=1,
-        description="Number of rotation blocks per layer (in_features = r * block_size). Not with block_size.",
+        le=MAX_BLOCKS,
+        description=(
+            f"Number of rotation blocks per layer (in_features = r * block_size), 1 to {MAX_BLOCKS} (and it must "
+            "divide each layer's in_features). Not with block_size."
+        ),
     )
     block_size: int | None = Field(
         None,
         ge=1,
-        description="Side b of each square rotation block. Not with r. Neither given: block_size=32.",
+        le=MAX_BLOCK_SIZE,
+        description=(
+            f"Side b of each square rotation block, 1 to {MAX_BLOCK_SIZE} (b(b-1)/2 parameters per block). "
+            "Not with r. Neither given: block_size=32."
+        ),
     )
     adjust_block_size: bool = Field(
         False,
@@ -38,17 +52,32 @@ class OFTOptions(PluginOptions):
     coft: bool = Field(
         False, description="Constrained OFT: keep each block's skew matrix within a Frobenius ball of radius eps."
     )
-    eps: float = Field(6e-5, gt=0, description="COFT radius, divided by sqrt(number of stored blocks).")
+    eps: float = Field(
+        6e-5,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description=(
+            "COFT radius, divided by sqrt(number of stored blocks); 0 < eps < 1, which keeps each block's "
+            "||Q|| below 1, where the Cayley-Neumann series converges."
+        ),
+    )
     module_dropout: float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
+        allow_inf_nan=False,
         description="Training only: share of blocks whose rotation is replaced by the identity on each forward.",
     )
     use_cayley_neumann: bool = Field(
         True, description="Truncated Neumann series for the Cayley transform (no matrix inverse); False: exact solve."
     )
-    num_cayley_neumann_terms: int = Field(5, ge=1, description="Terms of the Cayley-Neumann series.")
+    num_cayley_neumann_terms: int = Field(
+        5,
+        ge=1,
+        le=MAX_NEUMANN_TERMS,
+        description=f"Terms of the Cayley-Neumann series, 1 to {MAX_NEUMANN_TERMS} (one matmul per block each).",
+    )
     init_weights: bool = Field(
         True, description="True: zero skew parameters, so the adapter starts as the identity. False: N(0, 0.1)."
     )

@@ -8,13 +8,37 @@ from pydantic import Field, model_validator
 
 from qadapt.protocols import PluginOptions
 
+#: No layer is wider than this, so no basis rank can exceed it.
+MAX_RANK = 2**16
+#: alpha / r multiplies the update; PEFT's default is 640, and 1e6 is far past any useful scale.
+MAX_ALPHA = 1e6
+
 
 class RandLoraOptions(PluginOptions):
     """Options of the ``randlora`` method (full-rank updates from shared random low-rank bases)."""
 
-    r: int = Field(32, ge=1, description="Rank of each random basis; layers use ceil(min(in, out) / r) bases.")
-    alpha: float = Field(640.0, description="Scaling numerator: the update is multiplied by alpha / r (PEFT: 640).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter branch's input (training only).")
+    r: int = Field(
+        32,
+        ge=1,
+        le=MAX_RANK,
+        description=f"Rank of each random basis, 1 to {MAX_RANK}; layers use ceil(min(in, out) / r) bases.",
+    )
+    alpha: float = Field(
+        640.0,
+        gt=0,
+        le=MAX_ALPHA,
+        allow_inf_nan=False,
+        description=(
+            f"Scaling numerator: the update is multiplied by alpha / r (PEFT: 640); finite, 0 < alpha <= {MAX_ALPHA:g}."
+        ),
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="Dropout on the adapter branch's input (training only), 0 <= dropout < 1.",
+    )
     sparse: bool = Field(False, description="Ternary sparse bases (-1, 0, 1 with probabilities 1/6, 2/3, 1/6).")
     very_sparse: bool = Field(
         False, description="Ternary bases with nonzero probability 1/sqrt(min dim) each sign. Not with sparse."

@@ -1,0 +1,32 @@
+"""Options of the ``lora`` and ``dora`` methods (one model: DoRA adds no option of its own)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from qadapt.protocols import PluginOptions
+
+
+class LoraOptions(PluginOptions):
+    """Options of the ``lora`` / ``dora`` methods (low-rank update ``B A``; DoRA adds a learned row magnitude)."""
+
+    r: int = Field(8, ge=1, description="Rank of the update: A is [r, in_features], B is [out_features, r].")
+    alpha: float = Field(
+        8.0, description="Scaling numerator: the update is multiplied by alpha / r (PEFT: lora_alpha)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter branch's input (training only).")
+    init_weights: bool | Literal["gaussian"] = Field(
+        True,
+        description=(
+            "True: A Kaiming-uniform (as nn.Linear), B = 0, so the adapter starts as a no-op. 'gaussian': "
+            "A ~ N(0, 1/r^2), B = 0. False: both as nn.Linear initializes them (the adapter starts non-zero)."
+        ),
+    )
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)

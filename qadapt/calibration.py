@@ -1,0 +1,158 @@
+"""Calibration: each wrapped layer's input statistics, gathered from a few model inputs.
+
+A calibration set is an iterable of model inputs (a tensor, a tuple of positional arguments, or a
+mapping of keyword arguments, as the model takes them). Every fourth batch (or, with fewer than
+four, the last one) is held out: the fit statistics choose codes, the held-out ones measure what
+a merge kept, so the reported figure is not judged on the rows it was fit to.
+
+For a layer with input rows ``x [in]``, the statistics are ``H = sum x x^T`` (float32 ``[in, in]``)
+and the row count. ``||X E^T||^2 = tr(E H E^T)``, so H turns a weight error ``E [out, in]`` into
+the output error on those rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qadapt.errors import ArgumentTypeError, ConfigError
+from qadapt.protocols import CalibrationStats
+
+#: Calibrated requantization hurt below this many fit rows per input feature (measured).
+MIN_ROWS_PER_FEATURE = 4
+
+
+@dataclass
+class LayerStats:
+    """Fit and held-out input statistics of one layer (each ``H [in, in]`` float32 and a row count)."""
+
+    fit: torch.Tensor
+    fit_rows: int
+    heldout: torch.Tensor
+    heldout_rows: int
+
+    def fit_stats(self, damp: float = 0.01) -> CalibrationStats:
+        return CalibrationStats(self.fit, self.fit_rows, damp)
+
+
+def split_batches(batches: Iterable[Any]) -> tuple[list[Any], list[Any]]:
+    """``(fit, heldout)``: every fourth batch held out (the last one when there are 2 or 3)."""
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise ArgumentTypeError(
+            "calibration must be an iterable of model inputs (e.g. a list of batches), "
+            f"got a single {type(batches).__name__}; wrap it in a list of at least two batches"
+        )
+    try:
+        items = list(batches)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"calibration must be an iterable of model inputs, got {type(batches).__name__}"
+        ) from None
+    if len(items) < 2:
+        raise ConfigError(
+            f"calibration needs at least 2 batches (one is held out to measure what the merge kept), got {len(items)}"
+        )
+    if len(items) < 4:
+        return items[:-1], items[-1:]
+    fit = [b for i, b in enumerate(items) if i % 4 != 3]
+    heldout = [b for i, b in enumerate(items) if i % 4 == 3]
+    return fit, heldout
+
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one calibration batch (tensor, positional tuple/list, or keyword mapping)."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, ``.logits``, ``["logits"]``, or the first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ArgumentTypeError(
+        f"cannot find logits in the model's output of type {type(output).__name__}; "
+        "the model must return a tensor, an object with .logits, or a tuple whose first element is a tensor"
+    )
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode (no dropout) and give every module its own mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], fit: Sequence[Any], heldout: Sequence[Any]
+) -> dict[str, LayerStats]:
+    """Run the calibration batches through ``model`` and accumulate each layer's input statistics.
+
+    ``layers``: ``(name, module)`` pairs whose inputs ``[..., in]`` are gathered (with forward
+    pre-hooks, removed afterwards). Memory: two ``[in, in]`` float32 matrices per layer.
+    """
+    stats: dict[str, LayerStats] = {}
+    current = {"heldout": False}
+    handles = []
+
+    def hook_for(name: str, in_features: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, in_features).float()
+            s = stats[name]
+            if current["heldout"]:
+                s.heldout.addmm_(x.T, x)
+                s.heldout_rows += x.shape[0]
+            else:
+                s.fit.addmm_(x.T, x)
+                s.fit_rows += x.shape[0]
+
+        return hook
+
+    try:
+        for name, module in layers:
+            in_f = module.in_features
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            zeros = lambda in_f=in_f, device=device: torch.zeros(in_f, in_f, device=device)  # noqa: E731
+            stats[name] = LayerStats(zeros(), 0, zeros(), 0)
+            handles.append(module.register_forward_pre_hook(hook_for(name, in_f)))
+        with eval_mode(model):
+            for held, batches in ((False, fit), (True, heldout)):
+                current["heldout"] = held
+                for batch in batches:
+                    run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
+    """The model's logits on each batch (eval mode), float32 on the CPU."""
+    with eval_mode(model):
+        return [output_tensor(run_model(model, batch)).detach().float().cpu() for batch in batches]
+
+
+def squared_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """``sum ||a_i - b_i||^2`` over paired output tensors, in float64."""
+    return float(sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b, strict=True)))
