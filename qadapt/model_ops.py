@@ -179,21 +179,41 @@ def _memory_key(tensor: torch.Tensor) -> tuple[str, int, int]:
     return (str(tensor.device), storage.data_ptr(), storage.nbytes())
 
 
+def _plain(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that hold ``tensor``'s memory: itself, or a wrapper subclass's inner tensors.
+
+    A wrapper subclass (a quantized weight held as a parameter, say) has no storage of its own:
+    asking for its data pointer raises.
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    inner = (getattr(tensor, name) for name in names)
+    return [t for part in inner if part is not None for t in _plain(part)]
+
+
 def summary(model: nn.Module) -> WrapSummary:
     """Layers wrapped, adapters, trainable / total parameters, bytes of quantized weights and of the model.
 
     See :class:`WrapSummary` for how parameters and bytes are counted.
     """
     layers = list(adapter_layers(model))
-    storage_tensors = [t for _, layer in layers for t in layer.backend.get_storage(layer.base).tensors.values()]
+    storage_tensors = [
+        plain
+        for _, layer in layers
+        for t in layer.backend.get_storage(layer.base).tensors.values()
+        for plain in _plain(t)
+    ]
     in_storage = {_memory_key(t) for t in storage_tensors if not t.is_meta}
     params = list({id(p): p for p in model.parameters()}.values())
-    outside = [p for p in params if p.is_meta or _memory_key(p) not in in_storage]
+    outside = [p for p in params if p.is_meta or any(_memory_key(t) not in in_storage for t in _plain(p))]
     represented = sum(layer.in_features * layer.out_features for _, layer in layers)
     unique: dict[tuple[str, int, int], int] = {}
     for tensor in [*params, *model.buffers(), *storage_tensors]:
-        if not tensor.is_meta:
-            unique[_memory_key(tensor)] = tensor.untyped_storage().nbytes()
+        for plain in [] if tensor.is_meta else _plain(tensor):
+            unique[_memory_key(plain)] = plain.untyped_storage().nbytes()
     backends = Counter(layer.backend.name or type(layer.backend).__name__ for _, layer in layers)
     return WrapSummary(
         layers=len(layers),

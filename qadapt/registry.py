@@ -165,7 +165,8 @@ def load(family: Family, name: str) -> type:
         hint = install_hint(entry.distribution, exc)
         if hint is not None:
             raise MissingDependencyError(
-                f"{where} needs the module {hint.module!r}, which is not installed. Install it with: {hint.command}",
+                f"{where} failed to load: it needs the module {hint.module!r}, which is not installed. "
+                f"Install it with: {hint.command}",
                 module=hint.module,
                 command=hint.command,
             ) from exc

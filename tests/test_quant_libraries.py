@@ -100,6 +100,23 @@ def test_a_model_quantized_with_torchao_is_adopted_by_auto_and_merges_in_its_own
             assert torch.equal(bits, tensor.reshape(-1).view(torch.uint8)), (index, n)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4-asymmetric", "nf4"])
+def test_summary_counts_torchao_weights_like_float_ones(kind):
+    """torchao keeps a layer's weight as a wrapper tensor with no storage of its own: summary counts
+    the weights it represents as float ones, and each inner tensor's bytes once."""
+    plain = two_layer_model()
+    float_params = sum(p.numel() for p in plain.parameters())
+    float_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
+    model = qadapt.wrap(user_quantized(kind), method="lora", backend="auto", targets=["0", "2"])
+    info = qadapt.summary(model)
+    assert info.backends == {"torchao": 2}
+    assert info.total_params == float_params + info.trainable_params
+    weights = sum(model[i].base.in_features * model[i].base.out_features * 4 for i in (0, 2))
+    assert 0 < info.quantized_bytes < weights
+    # Everything else the model holds is float32: the biases and the adapters.
+    assert info.total_bytes == float_bytes - weights + info.quantized_bytes + 4 * info.trainable_params
+
+
 def test_requantize_follows_the_layer_not_the_backend_options():
     model = user_quantized("int4-asymmetric")
     qadapt.wrap(

@@ -69,6 +69,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _outside_inference(meta: dict) -> dict:
+    """``meta`` with its inference tensors copied to ordinary ones.
+
+    hqq's half-quadratic solver runs under ``torch.inference_mode``, and when no dtype or device
+    change follows, the zeros it returns stay inference tensors: ``load_state_dict`` (an in-place
+    copy) cannot write into them, so a model holding them could not load a checkpoint.
+    """
+    return {k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v for k, v in meta.items()}
+
+
 class HqqBackend(Backend):
     """Groupwise ``nbits`` weights with a float scale and zero per group: ``W ~ (W_q - zero) * scale``.
 
@@ -126,7 +136,9 @@ class HqqBackend(Backend):
         if linear.bias is not None:
             holder.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         device = linear.weight.device
-        return hqq.HQQLinear(holder, config, compute_dtype=_FLOAT_DTYPES[opts.compute_dtype], device=str(device))
+        layer = hqq.HQQLinear(holder, config, compute_dtype=_FLOAT_DTYPES[opts.compute_dtype], device=str(device))
+        layer.meta = _outside_inference(layer.meta)
+        return layer
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
@@ -171,6 +183,7 @@ class HqqBackend(Backend):
         # What HQQLinear does after quantizing: scales and zeros in the compute dtype, on the device.
         meta["compute_dtype"] = m["compute_dtype"]
         w_q, meta = quantizer.to_ooplace(w_q, meta, device=device)
+        meta = _outside_inference(meta)
         plain = {key: meta[key] for key in _META_KEYS}
         plain["shape"] = tuple(plain["shape"])
         plain.update({key: m[key] for key in _QUANT_KEYS})
