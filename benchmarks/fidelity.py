@@ -28,14 +28,14 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 
 
-def merge_table(methods: list[str], backends: list[str], steps: int) -> list[dict[str, Any]]:
+def merge_table(methods: list[str], backends: list[str], steps: int, shift: float = 0.0) -> list[dict[str, Any]]:
     from qadapt.demo import DemoSettings, run_demo
 
     rows = []
     for backend in backends:
         for method in methods:
             with tempfile.TemporaryDirectory() as tmp:
-                settings = DemoSettings(method=method, backend=backend, steps=steps, out_dir=tmp)
+                settings = DemoSettings(method=method, backend=backend, steps=steps, out_dir=tmp, teacher_shift=shift)
                 if method == "randlora":
                     settings.method_options = {"r": 8}
                 result = run_demo(settings, verbose=False)
@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="distillation steps per run")
     p.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096], help="layer sizes for the cost part")
     p.add_argument("--skip-merges", action="store_true", help="only the cost part")
+    p.add_argument(
+        "--teacher-shift", type=float, default=0.0, help="distil towards a shifted teacher (see qadapt demo --help)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    merges = [] if args.skip_merges else merge_table(args.methods, args.backends, args.steps)
+    merges = [] if args.skip_merges else merge_table(args.methods, args.backends, args.steps, args.teacher_shift)
     costs = calibrated_cost(args.sizes, args.backends)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fidelity.json").write_text(json.dumps({"merges": merges, "costs": costs}, indent=2))

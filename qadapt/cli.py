@@ -56,6 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         model_dir=args.model,
         out_dir=args.out,
         seed=args.seed,
+        teacher_shift=args.teacher_shift,
         method_options=dict(args.method_option),
     )
     run_demo(settings)
@@ -124,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="a local Hugging Face model folder instead of the built-in one")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--teacher-shift",
+        type=float,
+        default=0.0,
+        help="distil towards the float model plus a rank-4 change of this relative size per layer "
+        "(a stand-in fine-tune); 0 (default) recovers the quantization gap",
+    )
     demo.add_argument(
         "--method-option",
         action="append",

@@ -45,6 +45,10 @@ class DemoSettings:
     method_options: dict[str, Any] = field(default_factory=dict)
     #: a method that merges exactly into a backend's group scales, trained for comparison ("" skips it).
     exact_method: str = "scales"
+    #: 0 distils towards the float model itself (recover the quantization gap). Above 0, the teacher
+    #: is the float model with a rank-4 change of this relative size added to every linear layer
+    #: (a stand-in fine-tune the quantized base cannot reach by re-rounding).
+    teacher_shift: float = 0.0
     exact_lr: float = 3e-3
     #: calibration batches for the calibrated merge (every fourth is held out).
     calibration_batches: int = 8
@@ -106,6 +110,25 @@ def load_model(settings: DemoSettings) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(settings.model_dir, local_files_only=True).float().eval()
+
+
+@torch.no_grad()
+def shifted(model: nn.Module, size: float, seed: int) -> nn.Module:
+    """``model`` itself (``size`` 0), or a copy whose linear layers (not the output head) each get a
+    random rank-4 change ``D`` with ``||D|| = size * ||W||``: a fine-tuned model to distil towards."""
+    if size <= 0:
+        return model
+    generator = torch.Generator().manual_seed(seed + 7)
+    out = copy.deepcopy(model)
+    head = out.get_output_embeddings() if hasattr(out, "get_output_embeddings") else None
+    for module in out.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            weight = module.weight
+            change = torch.randn(weight.shape[0], 4, generator=generator) @ torch.randn(
+                4, weight.shape[1], generator=generator
+            )
+            weight.add_(change.to(weight.dtype) * (size * weight.norm() / change.norm()))
+    return out
 
 
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -221,6 +244,7 @@ def _compare_merges(
 
 
 def _exact_method_row(
+    base: nn.Module,
     teacher: nn.Module,
     settings: DemoSettings,
     generator: torch.Generator,
@@ -240,7 +264,7 @@ def _exact_method_row(
     if not settings.exact_method or settings.exact_method == settings.method:
         return None
     label = f"{settings.exact_method} method, merged"
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(base)
     try:
         qadapt.wrap(student, method=settings.exact_method, backend=settings.backend, targets="all-linear")
     except (CapabilityError, ConfigError, PluginError) as exc:
@@ -283,9 +307,10 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
 
-    teacher = load_model(settings)
-    teacher.requires_grad_(False)
-    student = copy.deepcopy(teacher)
+    base = load_model(settings)
+    base.requires_grad_(False)
+    teacher = shifted(base, settings.teacher_shift, settings.seed)
+    student = copy.deepcopy(base)
     options = settings.method_options
     qadapt.wrap(student, method=settings.method, backend=settings.backend, targets="all-linear", method_options=options)
     info = qadapt.summary(student)
@@ -323,13 +348,19 @@ def run_demo(settings: DemoSettings, *, verbose: bool = True) -> DemoResult:
         for _ in range(settings.calibration_batches)
     ]
     merges = _compare_merges(student, kl, calibration, gap_before, gap_after)
-    exact = _exact_method_row(teacher, settings, generator, kl, gap_before, gap_after, verbose)
+    exact = _exact_method_row(base, teacher, settings, generator, kl, gap_before, gap_after, verbose)
     if exact is not None:
         merges.append(exact)
     _plot_merges(merges, out_dir / "merges.png", f"{settings.method} on {settings.backend}: what each merge keeps")
 
     rows = [
         ("model", settings.model_dir or "built-in 2-layer Llama (hidden 128, vocab 512)"),
+        (
+            "teacher",
+            "the float model"
+            if settings.teacher_shift <= 0
+            else f"float model + a rank-4 change of {settings.teacher_shift:.0%} per layer",
+        ),
         ("method / backend", f"{settings.method} {options or ''} / {settings.backend}".replace("  ", " ")),
         ("layers wrapped", str(info.layers)),
         ("trainable / total parameters", f"{info.trainable_params:,} / {info.total_params:,}"),
