@@ -229,6 +229,7 @@ def merge_storage(
         check_finite(merged, f"merging adapter {name!r}")
     new = method.merge_storage(adapter, backend, storage)
     path = "storage"
+    stored: torch.Tensor | None = None
     if new is None:
         path = resolve_mode(backend, requantize_mode, stats)
         new = requantize(backend, merged, storage, path, stats)
@@ -238,28 +239,41 @@ def merge_storage(
             # scales follow it. Both candidates are cheap: keep the closer one in the fit metric.
             fit = None if stats is None else stats.hessian
             fresh = requantize(backend, merged, storage, "fresh", stats)
-            keep_err = output_sq_error(backend.dequantize(new).float() - merged, fit)
-            if output_sq_error(backend.dequantize(fresh).float() - merged, fit) < keep_err:
-                new, path = fresh, "fresh"
+            stored, fresh_stored = backend.dequantize(new).float(), backend.dequantize(fresh).float()
+            if output_sq_error(fresh_stored - merged, fit) < output_sq_error(stored - merged, fit):
+                new, path, stored = fresh, "fresh", fresh_stored
     tuned = None
     if tune_steps > 0 and stats is not None and path != "storage":
         tuned = tune_group_scales(backend, new, merged, stats.hessian, tune_steps)
         new = tuned if tuned is not None else new
-    stored = backend.dequantize(new).float()
+    if stored is None or tuned is not None:
+        stored = backend.dequantize(new).float()
     if safe:
         check_finite(stored, f"merging adapter {name!r} (as stored)")
+
+    # (base, stored) squared output distances to W' per metric H: each is an [out, in] @ [in, in]
+    # product, so the guard and the reported figure share them.
+    distances: dict[int, tuple[float, float]] = {}
+
+    def distance(hessian: torch.Tensor | None) -> tuple[float, float]:
+        if id(hessian) not in distances:
+            distances[id(hessian)] = (
+                output_sq_error(weight - merged, hessian),
+                output_sq_error(stored - merged, hessian),
+            )
+        return distances[id(hessian)]
+
     reverted = False
     if guard and path != "storage":
         # Kept only if no worse than the unmerged base on the fit rows and on the held-out rows the
         # report measures: the choice is binary (old codes or new), so judging it on held-out rows
         # cannot overfit, and a reported figure is then never below 0.
         metrics = [None] if stats is None else [stats.hessian] + ([] if heldout is None else [heldout])
-        worse = any(output_sq_error(stored - merged, h) > output_sq_error(weight - merged, h) for h in metrics)
-        if worse:
+        if any(merged_sq > base_sq for base_sq, merged_sq in map(distance, metrics)):
             new, stored, reverted = storage, weight, True
     error, retained = weight_figures(weight, merged, stored)
-    metric_h = heldout if heldout is not None else None
-    kept = kept_share(output_sq_error(weight - merged, metric_h), output_sq_error(stored - merged, metric_h))
+    base_sq, merged_sq = distance(heldout)
+    kept = kept_share(base_sq, base_sq if reverted else merged_sq)
     result = MergeResult(
         adapter=name,
         error=error,
