@@ -36,6 +36,7 @@ from qadapt.merging import (
     LayerFigures,
     MergeResult,
     RequantizeMode,
+    check_finite,
     check_requantize_mode,
     float_merged_weight,
     kept_share,
@@ -360,8 +361,6 @@ def _convert(
     layers: Layers, target: Backend | None, dtype: torch.dtype, safe: bool
 ) -> tuple[dict[str, nn.Module], dict[str, MergeResult]]:
     """Build each layer's replacement: a float ``nn.Linear`` (``target`` None) or ``target``'s module."""
-    from qadapt.merging import check_finite
-
     modules: dict[str, nn.Module] = {}
     results: dict[str, MergeResult] = {}
     for name, layer in progress(layers, "qadapt unwrap"):
