@@ -93,11 +93,16 @@ class MergeReport(LayerFigures):
         return text
 
 
-def _merge_plan(model: nn.Module, adapter_name: str | None) -> tuple[list, dict[str, str]]:
+def _merge_plan(model: nn.Module, adapter_name: str | None, pending_only: bool) -> tuple[list, dict[str, str]]:
+    """``(plan, skipped)``: the ``(name, layer, adapter)`` to merge; ``pending_only`` passes over merged layers
+    (``unwrap``) instead of refusing them."""
     layers = wrapped_layers(model)
-    refuse_merged(layers, "merge")
+    if not pending_only:
+        refuse_merged(layers, "merge")
     plan, skipped = [], {}
     for name, layer in layers:
+        if layer.merged:
+            continue
         adapter = adapter_name or layer.active_adapter
         if adapter is None or adapter not in layer.adapters:
             continue
@@ -179,10 +184,37 @@ def merge(
             (nothing was changed).
         UnsafeMergeError / other: a layer failed; the layers merged before it were put back.
     """
+    return _merge(
+        model,
+        safe=safe,
+        adapter_name=adapter_name,
+        keep_snapshot=keep_snapshot,
+        requantize=requantize,
+        calibration=calibration,
+        tune_scales=tune_scales,
+        warn_below=warn_below,
+        calibration_memory=calibration_memory,
+    )
+
+
+def _merge(
+    model: nn.Module,
+    *,
+    pending_only: bool = False,
+    safe: bool = True,
+    adapter_name: str | None = None,
+    keep_snapshot: bool = True,
+    requantize: RequantizeMode | None = None,
+    calibration: Iterable[Any] | None = None,
+    tune_scales: int = 0,
+    warn_below: float | None = DEFAULT_WARN_BELOW,
+    calibration_memory: int = DEFAULT_CALIBRATION_MEMORY,
+) -> MergeReport:
+    """:func:`merge`; with ``pending_only``, layers already merged are left as they are."""
     _check_merge_arguments(requantize, tune_scales, warn_below, calibration_memory)
     if tune_scales and calibration is None:
         raise ConfigError("tune_scales needs calibration data: merge(model, calibration=batches, tune_scales=N)")
-    plan, skipped = _merge_plan(model, adapter_name)
+    plan, skipped = _merge_plan(model, adapter_name, pending_only)
     disabled = [name for name, layer, _ in plan if not layer.adapters_enabled]
     if disabled:
         raise AdapterStateError(f"cannot merge into {disabled[0]} (and {len(disabled) - 1} more): {DISABLED_MERGE}")
@@ -191,7 +223,7 @@ def merge(
         if cannot:
             raise CapabilityError(f"backend of {cannot[0]} cannot snapshot its storage; merge with keep_snapshot=False")
     if skipped:
-        warnings.warn(f"{len(skipped)} layer(s) left unmerged: {next(iter(skipped.values()))}", stacklevel=3)
+        warnings.warn(f"{len(skipped)} layer(s) left unmerged: {next(iter(skipped.values()))}", stacklevel=4)
     mode: RequantizeMode = requantize or ("keep" if calibration is None else "calibrated")
     if calibration is None:
         results = _merge_runs(model, [plan], mode, safe, keep_snapshot, None, 0)
@@ -228,7 +260,7 @@ def _warn_low(report: MergeReport, warn_below: float | None) -> None:
             f"effect (lowest: {name}, {kept:.1%}); see the MergeReport. A calibrated merge "
             "(merge(model, calibration=batches)), a method that trains group scales, or a float target (unwrap(model, "
             "merge='float')) keeps more",
-            stacklevel=4,  # past merge() and torch.no_grad's wrapper
+            stacklevel=5,  # past _merge(), merge() and torch.no_grad's wrapper
         )
 
 
@@ -282,7 +314,7 @@ def _merge_runs(
             f"{len(few)} layer(s) had fewer than {MIN_ROWS_PER_FEATURE} x in_features calibration rows, where a "
             f"calibrated requantize was measured to hurt; they kept their scales instead (first: {few[0]}). "
             "Give more calibration batches",
-            stacklevel=5,
+            stacklevel=6,
         )
     return results
 
@@ -435,7 +467,7 @@ def unwrap(
                 "requantize; use unwrap(model, merge=False) to drop the adapters, or merge='float'"
             )
         if any(not layer.merged and layer.active_adapter is not None for _, layer in layers):
-            report = _merge_pending(model, layers, merge_options)
+            report = _merge(model, pending_only=True, **merge_options)
         replacements = {name: layer.base for name, layer in layers}
     else:
         for _, layer in layers:
@@ -450,24 +482,3 @@ def unwrap(
     if report is not None:
         model.__dict__[REPORT_ATTR] = report
     return model
-
-
-def _merge_pending(model: nn.Module, layers: Layers, options: dict[str, Any]) -> MergeReport:
-    """Merge the layers not merged yet (their active adapters), leaving merged ones as they are."""
-    merged_states = {id(layer): layer._merged for _, layer in layers if layer.merged}
-    if not merged_states:
-        return merge(model, **options)
-    # merge() refuses a partly merged model; hide the merged layers' state for the call.
-    for _, layer in layers:
-        layer._merged = None if id(layer) in merged_states else layer._merged
-    pending_adapters = {id(layer): layer.active_adapter for _, layer in layers}
-    for _, layer in layers:
-        if id(layer) in merged_states:
-            layer.active_adapter = None
-    try:
-        return merge(model, **options)
-    finally:
-        for _, layer in layers:
-            if id(layer) in merged_states:
-                layer._merged = merged_states[id(layer)]
-                layer.active_adapter = pending_adapters[id(layer)]

@@ -293,3 +293,12 @@ def test_tune_scales_on_a_backend_without_group_scales_changes_nothing():
     model = wrapped_llama("none", {}, scale=0.01)
     report = qadapt.merge(model, calibration=calibration(), tune_scales=5, warn_below=None)
     assert not any(r.tuned for r in report.layers.values())
+
+
+def test_unwrap_merges_only_the_layers_not_merged_yet():
+    partly, whole = (wrapped_llama("bnb4", {"quant_type": "nf4"}) for _ in range(2))
+    partly.get_submodule("model.layers.0.mlp.down_proj").merge()
+    qadapt.unwrap(partly, merge=True, warn_below=None)
+    qadapt.unwrap(whole, merge=True, warn_below=None)
+    assert model_checksum(partly) == model_checksum(whole)  # the merged layer was not merged twice
+    assert len(partly.qadapt_merge_report.layers) == 13
