@@ -98,10 +98,16 @@ def parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, str], dict[str
             f"got {shorten(metadata)}"
         )
     try:
-        tensors = load_safetensors_bytes(data)
+        views = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         # safetensors reports a bad header entry (dtype, shape, offsets) as one of these.
         raise CheckpointError(f"{path} is not a readable safetensors file: {shorten(exc, 300)}") from exc
+    # safetensors' tensors are views of immutable Python ``bytes`` (torch.frombuffer): writable
+    # through torch, freed by a Python deleter. Copy each into ordinary tensor memory (one at a
+    # time, so the peak is the file plus one tensor) before they reach parameters or collectives.
+    tensors = {}
+    for key in list(views):
+        tensors[key] = views.pop(key).clone()
     return metadata, tensors
 
 
