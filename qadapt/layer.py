@@ -38,6 +38,9 @@ DISABLED_MERGE = (
 )
 #: State-dict key (under the layer's prefix) naming the merged adapter, present only while one is merged.
 MERGED_KEY = "qadapt_merged_adapter"
+#: State-dict key present (a one-element uint8 tensor) while the merge was reverted by the guard:
+#: the storage is the unmerged base, so an inverse unmerge must leave it as it is.
+REVERTED_KEY = "qadapt_merge_reverted"
 
 
 @dataclass
@@ -49,6 +52,9 @@ class _MergedState:
     digest: str | None
     #: requires_grad of each adapter parameter before the merge froze them.
     grad_flags: dict[str, bool]
+    #: the guard kept the old storage (the merge would have been worse than no adapter): the
+    #: layer runs the plain base, and unmerging has no weight to change.
+    reverted: bool = False
 
 
 def adapter_digest(adapter: nn.Module) -> str:
@@ -370,7 +376,7 @@ class QuantAdapterLinear(nn.Module):
         snapshot = storage.clone() if keep_snapshot else None
         self.backend.set_storage(self.base, new_storage)
         grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
-        self._merged = _MergedState(name, snapshot, adapter_digest(adapter), grad_flags)
+        self._merged = _MergedState(name, snapshot, adapter_digest(adapter), grad_flags, result.reverted)
         adapter.requires_grad_(False)
         return result
 
@@ -394,7 +400,9 @@ class QuantAdapterLinear(nn.Module):
         self._check_not_sharded("unmerge")
         state = self._merged
         adapter = self.adapters[state.adapter]
-        if mode == "exact":
+        if state.reverted:
+            pass  # the storage never changed: it is the unmerged base in either mode
+        elif mode == "exact":
             if state.snapshot is None:
                 raise AdapterStateError(
                     "no snapshot was kept at merge (keep_snapshot=False); use unmerge(mode='inverse')"
@@ -427,6 +435,8 @@ class QuantAdapterLinear(nn.Module):
             destination[prefix + MERGED_KEY] = torch.tensor(
                 list(self._merged.adapter.encode("utf-8")), dtype=torch.uint8
             )
+            if self._merged.reverted:
+                destination[prefix + REVERTED_KEY] = torch.ones(1, dtype=torch.uint8)
 
     def _load_from_state_dict(
         self,
@@ -441,6 +451,10 @@ class QuantAdapterLinear(nn.Module):
         key = prefix + MERGED_KEY
         covers = any(k.startswith(prefix + "base.") for k in state_dict)
         incoming = _merged_name(state_dict[key], key) if key in state_dict else None
+        reverted_key = prefix + REVERTED_KEY
+        reverted = _reverted_flag(state_dict[reverted_key], reverted_key) if reverted_key in state_dict else False
+        if reverted and incoming is None:
+            raise AdapterStateError(f"{reverted_key} is set but {key} (the merged adapter's name) is missing")
         if incoming is not None and incoming not in self.adapters:
             raise AdapterStateError(
                 f"{key}: the state dict was saved with adapter {incoming!r} merged, and this layer has no adapter "
@@ -449,15 +463,17 @@ class QuantAdapterLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if covers and incoming != self.merged_adapter:
+        for extra in (key, reverted_key):
+            if extra in unexpected_keys:
+                unexpected_keys.remove(extra)
+        current = None if self._merged is None else (self._merged.adapter, self._merged.reverted)
+        if covers and (incoming, reverted) != (current or (None, False)):
             # The base weight about to be loaded is merged with ``incoming`` (or with nothing):
             # that is this layer's state from now on. A loaded merge has no snapshot, so it
             # comes out with unmerge("inverse").
-            self._set_loaded_merge(incoming)
+            self._set_loaded_merge(incoming, reverted)
 
-    def _set_loaded_merge(self, incoming: str | None) -> None:
+    def _set_loaded_merge(self, incoming: str | None, reverted: bool = False) -> None:
         if self._merged is not None:
             self._thaw(self._merged)
         self._merged = None
@@ -465,7 +481,7 @@ class QuantAdapterLinear(nn.Module):
             adapter = self.adapters[incoming]
             grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
             # The adapter's tensors load after this hook, so no digest can be taken of them here.
-            self._merged = _MergedState(incoming, None, None, grad_flags)
+            self._merged = _MergedState(incoming, None, None, grad_flags, reverted)
             adapter.requires_grad_(False)
 
     def _thaw(self, state: _MergedState) -> None:
@@ -490,6 +506,12 @@ def _merged_name(value: Any, key: str) -> str:
         except UnicodeDecodeError:
             pass
     raise AdapterStateError(f"{key} must hold an adapter name as UTF-8 bytes (a uint8 tensor)")
+
+
+def _reverted_flag(value: Any, key: str) -> bool:
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == (1,) and int(value) in (0, 1):
+        return bool(int(value))
+    raise AdapterStateError(f"{key} must be a one-element uint8 tensor holding 0 or 1")
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:

@@ -95,9 +95,13 @@ def test_adapters_agree_across_ranks_and_trained_while_the_base_kept_its_bits(ru
 @pytest.mark.parametrize("storage", STORAGES)
 def test_each_rank_holds_half_the_model_and_peaks_below_one_process(runs, storage):
     single, ranks = runs[storage]["single"], runs[storage]["ranks"]
+    # Peaks are compared above each process's resident memory before the model was loaded: a gloo
+    # rank starts ~6 MiB higher (the process group), which is not the model's. Measured: ranks
+    # grow 171 MiB, the single process 201 MiB (bf16; the whole model is 63 MiB of parameters).
+    grown = single["peak_mib"] - single["rss_start_mib"]
     for rank in ranks:
         assert rank["param_mib"] < 0.51 * single["param_mib"]
-        assert rank["peak_mib"] < single["peak_mib"], (rank["peak_mib"], single["peak_mib"])
+        assert rank["peak_mib"] - rank["rss_start_mib"] < grown, (rank["peak_mib"], rank["rss_start_mib"], grown)
 
 
 @pytest.mark.parametrize("storage", STORAGES)

@@ -302,3 +302,34 @@ def test_unwrap_merges_only_the_layers_not_merged_yet():
     qadapt.unwrap(whole, merge=True, warn_below=None)
     assert model_checksum(partly) == model_checksum(whole)  # the merged layer was not merged twice
     assert len(partly.qadapt_merge_report.layers) == 13
+
+
+def test_an_inverse_unmerge_of_a_reverted_merge_leaves_the_base_bits():
+    # The guard kept the old storage, so there is no adapter in the weight to take out: applying
+    # the method's inverse would damage the base (it did before the reverted state was recorded).
+    layer = qadapt.QuantAdapterLinear(nn.Linear(64, 64), "oft", "bnb4", method_options=OFT)
+    trained_like(layer, 1e-5)
+    before = layer.backend.snapshot(layer.base)
+    assert layer.merge(requantize="fresh", keep_snapshot=False).reverted
+    layer.unmerge("inverse")
+    assert layer.backend.get_storage(layer.base).equal(before)
+    assert not layer.merged
+
+
+def test_a_reverted_merge_travels_with_the_state_dict():
+    source = qadapt.QuantAdapterLinear(nn.Linear(64, 64), "oft", "bnb8", method_options=OFT)
+    trained_like(source, 1e-6)
+    before = source.backend.snapshot(source.base)
+    assert source.merge(requantize="fresh").reverted
+    state = source.state_dict()
+    assert state["qadapt_merge_reverted"].tolist() == [1]
+
+    target = qadapt.QuantAdapterLinear(nn.Linear(64, 64), "oft", "bnb8", method_options=OFT)
+    target.load_state_dict(state)
+    assert target.merged_adapter == "default"
+    target.unmerge("inverse")
+    assert target.backend.get_storage(target.base).equal(before)
+
+    state["qadapt_merge_reverted"] = torch.tensor([7], dtype=torch.uint8)
+    with pytest.raises(qadapt.AdapterStateError, match="qadapt_merge_reverted must be"):
+        qadapt.QuantAdapterLinear(nn.Linear(64, 64), "oft", "bnb8", method_options=OFT).load_state_dict(state)
