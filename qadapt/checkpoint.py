@@ -47,6 +47,7 @@ from qadapt.checkpoint_files import (
     parse_json_object,
     parse_safetensors,
     read_once,
+    read_pair,
     sha256,
 )
 from qadapt.config import AUTO_BACKEND, PluginSpec, QAdaptConfig, check_adapter_name, validate_config
@@ -367,7 +368,10 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterCheckpoint:
         CheckpointError: missing or corrupt files (naming the file and the field), a foreign
             format, a config file from another save, or a config that does not validate.
     """
-    directory = Path(directory)
+    return read_pair(lambda: _read_adapter_once(Path(directory)))
+
+
+def _read_adapter_once(directory: Path) -> AdapterCheckpoint:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         hint = (

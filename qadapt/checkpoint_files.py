@@ -18,13 +18,15 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from qadapt.errors import CheckpointError, clip, shorten
+from qadapt.errors import CheckpointError, PairMismatchError, clip, shorten
+
+T = TypeVar("T")
 
 #: safetensors header metadata key holding the SHA-256 (hex) of the config file saved with the tensors.
 CONFIG_DIGEST_KEY = "qadapt_config_sha256"
@@ -130,11 +132,24 @@ def parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
     return value
 
 
+def read_pair(read: Callable[[], T]) -> T:
+    """``read()``, once more when it met a :class:`PairMismatchError`.
+
+    A save that replaces both files while a load reads them leaves the load with one file of each
+    save; reading again after the save has finished gets a consistent pair. A second mismatch is
+    raised: the pair on disk really disagrees (an interrupted save, or an edited file).
+    """
+    try:
+        return read()
+    except PairMismatchError:
+        return read()
+
+
 def check_pair(metadata: Mapping[str, str], config_bytes: bytes, weights: Path, config: Path) -> None:
     """Refuse a config file that was not written with the tensors file (see the module docstring)."""
     digest = metadata.get(CONFIG_DIGEST_KEY)
     if digest is not None and digest != sha256(config_bytes):
-        raise CheckpointError(
+        raise PairMismatchError(
             f"{config} was not written with {weights} (the weights' header holds another config digest): "
             "a save was interrupted or another save ran at the same time; save the adapter again"
         )

@@ -123,6 +123,13 @@ class CheckpointError(QAdaptError, ValueError):
     """An adapter checkpoint is missing, corrupt, or does not fit the model."""
 
 
+class PairMismatchError(CheckpointError):
+    """A checkpoint's config file and tensors file come from two saves (or were edited apart).
+
+    Raised after a second read found the same: a save that finished in between is read again.
+    """
+
+
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate closest to ``name`` by spelling, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

@@ -45,10 +45,11 @@ from qadapt.checkpoint_files import (
     parse_json_object,
     parse_safetensors,
     read_once,
+    read_pair,
     sha256,
 )
 from qadapt.config import AUTO_BACKEND, QAdaptConfig, check_adapter_name, validate_config
-from qadapt.errors import CheckpointError, PluginError, QAdaptError, shorten
+from qadapt.errors import CheckpointError, PairMismatchError, PluginError, QAdaptError, shorten
 from qadapt.hooks import interop_hooks
 from qadapt.protocols import Method
 from qadapt.targeting import REGEX_PREFIX
@@ -122,6 +123,23 @@ def _read_peft_dir(directory: Path) -> tuple[dict[str, Any], dict[str, str], dic
     return config, metadata, tensors
 
 
+def _read_checked_peft_dir(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, ModuleType, Any]:
+    """``(config, tensors, method name, interop hooks, method options)`` of a PEFT directory whose
+    two files were saved together (see :func:`qadapt.checkpoint_files.read_pair`)."""
+    peft_config, metadata, tensors = _read_peft_dir(directory)
+    method_name, hooks = _method_for_peft_type(peft_config["peft_type"], peft_config)
+    _check_unsupported(peft_config, str(directory))
+    options = hooks.options_from_peft(peft_config)
+    saved_digest = metadata.get(SETTINGS_DIGEST_KEY)
+    if saved_digest is not None and saved_digest != _settings_digest(peft_config["peft_type"], options):
+        raise PairMismatchError(
+            f"{directory / PEFT_CONFIG_FILE} holds other method settings than the ones "
+            f"{PEFT_WEIGHTS_FILE} was saved with: a save was interrupted, another save ran at the same time, or "
+            "the method fields were edited; save the adapter again"
+        )
+    return peft_config, tensors, method_name, hooks, options
+
+
 def _check_unsupported(config: Mapping[str, Any], source: str) -> None:
     problems = []
     if config.get("bias", "none") != "none":
@@ -183,17 +201,7 @@ def load_peft_adapter(
     refuse_merged(model, "load an adapter")
     directory = Path(directory)
     source = str(directory)
-    peft_config, metadata, tensors = _read_peft_dir(directory)
-    method_name, hooks = _method_for_peft_type(peft_config["peft_type"], peft_config)
-    _check_unsupported(peft_config, source)
-    options = hooks.options_from_peft(peft_config)
-    saved_digest = metadata.get(SETTINGS_DIGEST_KEY)
-    if saved_digest is not None and saved_digest != _settings_digest(peft_config["peft_type"], options):
-        raise CheckpointError(
-            f"{directory / PEFT_CONFIG_FILE} holds other method settings than the ones "
-            f"{PEFT_WEIGHTS_FILE} was saved with: a save was interrupted, another save ran at the same time, or "
-            "the method fields were edited; save the adapter again"
-        )
+    peft_config, tensors, method_name, hooks, options = read_pair(lambda: _read_checked_peft_dir(directory))
     layers, model_level = _split_keys(tensors, tuple(hooks.PEFT_LAYER_KEYS), source)
     actual = actual_names(model)
     try:

@@ -255,3 +255,26 @@ def test_names_are_canonical_inside_data_parallel(tmp_path: Path):
     keys = stored_keys(tmp_path)
     assert not any(k.startswith("module.") for k in keys) and any(k.startswith("__shared__.") for k in keys)
     assert model_checksum(qadapt.load_adapter(tiny_llama(), tmp_path)) == model_checksum(model)
+
+
+def test_a_pair_from_two_saves_is_read_once_more_then_refused():
+    from qadapt.checkpoint_files import PairMismatchError, read_pair
+
+    attempts = []
+
+    def save_finished_in_between():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise PairMismatchError("config from another save")
+        return "consistent"
+
+    assert read_pair(save_finished_in_between) == "consistent" and len(attempts) == 2
+
+    def always_mismatched():
+        attempts.append(1)
+        raise PairMismatchError("config from another save")
+
+    attempts.clear()
+    with pytest.raises(PairMismatchError):
+        read_pair(always_mismatched)
+    assert len(attempts) == 2
