@@ -219,8 +219,9 @@ def refit_row_aligned(
     ``change`` (float64) is the new objective minus the old one (<= 0 up to rounding). Groups
     whose codes are all zero keep their scale.
 
-    Cost: one ``[out, g] @ [g, in]`` product per group (``out * in^2`` multiply-adds in all), each
-    followed by two reductions over ``[out, in]``.
+    Cost: one ``[out, in] @ [in, in]`` product for the gradient, and one ``[out, g] @ [g, in]``
+    product per group (``out * in^2`` multiply-adds in all), each followed by a reduction over
+    ``[out, in]``.
     """
     out, n = weight.shape
     groups = n // group_size
@@ -229,12 +230,12 @@ def refit_row_aligned(
     s = scales.float()
     err = weight.float() - (values.reshape(out, groups, group_size) * s.unsqueeze(-1)).reshape(out, n)
     m = torch.empty(out, groups, groups, dtype=torch.float32, device=weight.device)
-    grad = torch.empty(out, groups, dtype=torch.float32, device=weight.device)
     v3 = values.reshape(out, groups, group_size)
+    # v_g^T (H e)_g for every group at once: one product, where a product per group took twice as long.
+    grad = (err @ hessian).reshape(out, groups, group_size).mul_(v3).sum(-1)
     for g in range(groups):
         cols = slice(g * group_size, (g + 1) * group_size)
         t = values[:, cols] @ hessian[cols]  # [out, in]: the group's codes times its rows of H
-        grad[:, g] = torch.linalg.vecdot(t, err)  # v_g^T (H e)_g
         m[:, g] = torch.linalg.vecdot(t.reshape(out, groups, group_size), v3)
     diag = torch.diagonal(m, dim1=1, dim2=2)
     dead = diag <= 0
