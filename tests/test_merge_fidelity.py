@@ -333,3 +333,14 @@ def test_a_reverted_merge_travels_with_the_state_dict():
     state["qadapt_merge_reverted"] = torch.tensor([7], dtype=torch.uint8)
     with pytest.raises(qadapt.AdapterStateError, match="qadapt_merge_reverted must be"):
         qadapt.QuantAdapterLinear(nn.Linear(64, 64), "oft", "bnb8", method_options=OFT).load_state_dict(state)
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e25])
+def test_output_error_in_the_input_metric_matches_float64(magnitude):
+    # float32 products with float64 row sums; 1e25 overflows float32 and takes the float64 path.
+    generator = torch.Generator().manual_seed(0)
+    error = torch.randn(300, 96, generator=generator) * magnitude
+    x = torch.randn(400, 96, generator=generator)
+    hessian = x.T @ x
+    expected = float(torch.trace(error.double() @ hessian.double() @ error.double().T))
+    assert output_sq_error(error, hessian) == pytest.approx(expected, rel=1e-5)
