@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qadapt import registry
-from qadapt.errors import CapabilityError, CheckpointError, ConfigError, PluginError
+from qadapt.errors import CapabilityError, CheckpointError, ConfigError, PluginError, UnsafeMergeError
 from qadapt.export_adapter import AdapterSource, read_adapter_source
 from qadapt.export_io import CHUNK_BYTES, ShardWriter, TensorEntry, model_entries, parse_size, read_tensors
 from qadapt.merging import (
@@ -43,7 +43,7 @@ from qadapt.merging import (
     merge_storage,
     weight_figures,
 )
-from qadapt.protocols import Backend, Method, QuantizedWeight
+from qadapt.protocols import Backend, Method, QuantizedWeight, RowMerger
 from qadapt.reference import FloatBackend
 
 #: Float targets: name -> dtype. Every backend can be exported to these (dequantize + merge).
@@ -238,15 +238,25 @@ def _float_figures(weight: torch.Tensor, merged: torch.Tensor, out: torch.Tensor
     over every weight took most of a float export's time."""
     sums = [0.0, 0.0, 0.0, 0.0]
     for b, t, s in zip(weight.split(_ROWS), merged.split(_ROWS), out.split(_ROWS), strict=True):
-        intended = (t - b).reshape(-1)
-        error = (s.float() - t).reshape(-1)
-        flat = t.reshape(-1)
-        intended_sq = float(torch.dot(intended, intended))
-        sums[0] += float(torch.dot(flat, flat))
-        sums[1] += float(torch.dot(error, error))
-        # stored - before = error + intended
-        sums[2] += float(torch.dot(error, intended)) + intended_sq
-        sums[3] += intended_sq
+        _add_figure_sums(sums, b, t, s)
+    return _finish_figures(sums)
+
+
+def _add_figure_sums(sums: list[float], before: torch.Tensor, merged: torch.Tensor, out: torch.Tensor) -> None:
+    """Add one block of rows (float32 ``before``/``merged``, ``out`` in the target dtype) to the four
+    sums :func:`_finish_figures` turns into ``(error, delta_retained)``."""
+    intended = (merged - before).reshape(-1)
+    error = (out.float() - merged).reshape(-1)
+    flat = merged.reshape(-1)
+    intended_sq = float(torch.dot(intended, intended))
+    sums[0] += float(torch.dot(flat, flat))
+    sums[1] += float(torch.dot(error, error))
+    # stored - before = error + intended
+    sums[2] += float(torch.dot(error, intended)) + intended_sq
+    sums[3] += intended_sq
+
+
+def _finish_figures(sums: list[float]) -> tuple[float, float | None]:
     if not all(math.isfinite(x) for x in sums):
         return math.nan, None  # the caller's safe check says where
     target_sq, error_sq, overlap, intended_sq = sums
@@ -254,6 +264,26 @@ def _float_figures(weight: torch.Tensor, merged: torch.Tensor, out: torch.Tensor
         (error_sq / target_sq) ** 0.5 if target_sq > 0 else 0.0,
         overlap / intended_sq if intended_sq > 0 else None,
     )
+
+
+def _float_merge_by_rows(
+    source: torch.Tensor, merge_rows: RowMerger, dtype: torch.dtype, what: str
+) -> tuple[torch.Tensor, tuple[float, float | None]]:
+    """``(merged cast to dtype, figures)`` of a float ``source [out, in]``, ``_ROWS`` rows at a time:
+    only one block of rows is ever in float32 (the whole-layer path holds three float32 copies)."""
+    out = torch.empty(source.shape, dtype=dtype)
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for start in range(0, source.shape[0], _ROWS):
+        rows = slice(start, min(start + _ROWS, source.shape[0]))
+        before = source[rows].float()
+        merged = merge_rows(before, rows)
+        if not bool(torch.isfinite(merged).all()):
+            raise UnsafeMergeError(
+                f"{what} gives non-finite values (NaN/Inf) in rows {rows.start}..{rows.stop - 1}; nothing was written"
+            )
+        out[rows] = merged
+        _add_figure_sums(sums, before, merged, out[rows])
+    return out, _finish_figures(sums)
 
 
 def _quantize(backend: Backend, weight: torch.Tensor) -> QuantizedWeight:
@@ -652,6 +682,14 @@ def _layer(
     if target.dtype is not None:  # float target: the exact float merged weight, cast
         if adapter is None:
             out = backend.dequantize(storage).to(target.dtype)
+        elif group.float_weight and (merge_rows := source.method.row_merger(adapter)) is not None:
+            out, (error, retained) = _float_merge_by_rows(
+                storage.tensors["weight"], merge_rows, target.dtype, f"merging adapter {name!r} into {group.module}"
+            )
+            if not math.isfinite(error):
+                check_finite(out, f"merging adapter {name!r} into {group.module} (in {target.dtype})")
+            results[group.module] = MergeResult(name, error, retained, path="float")
+            del storage, adapter
         else:
             weight, merged = float_merged_weight(backend, source.method, adapter, storage)
             del storage, adapter  # the checkpoint tensors are no longer needed

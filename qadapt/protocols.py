@@ -308,6 +308,8 @@ class Backend(_Plugin):
 
 #: ``base_forward(x [..., in]) -> [..., out]``: the frozen quantized layer, as handed to a method.
 BaseForward = Callable[[torch.Tensor], torch.Tensor]
+#: ``merge_rows(weight_rows [r, in] float32, rows: slice) -> merged rows [r, in] float32`` (:meth:`Method.row_merger`).
+RowMerger = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 class BaseLayer:
@@ -377,6 +379,18 @@ class Method(_Plugin):
 
         A method whose change the format can represent exactly (per-group scales) returns new
         storage here, and the core skips requantization. ``storage`` is not modified.
+        """
+        return None
+
+    def row_merger(self, adapter: nn.Module) -> RowMerger | None:
+        """Optional: a function that merges a block of rows at a time, or None (merge whole layers).
+
+        The function takes ``(weight_rows [r, in] float32, rows)``, the rows ``rows`` (a slice of
+        ``range(out_features)``) of the weight, and returns the merged rows ``[r, in]`` float32: the
+        same rows :meth:`merge_weight` gives for the whole weight, up to float rounding. A method
+        whose merge treats each output row on its own (OFT's rotation of the inputs, LoRA's
+        ``W + s B A``) offers it, so an export holds one block of rows in float32 instead of the
+        layer. Called once per layer; whatever the adapter needs may be computed before returning.
         """
         return None
 

@@ -22,6 +22,7 @@ where a plugin needs other sizes (a block size that must divide them, say).
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -772,6 +773,41 @@ def check_merge_protocol_through_layer(
     assert layer.backend.get_storage(layer.base).equal(before), "exact unmerge is not bit-identical"
 
 
+def check_row_merger_matches_merge_weight(
+    method: Method | str,
+    *,
+    options: Any = None,
+    backend: str | Backend = "none",
+    in_features: int = 64,
+    out_features: int = 48,
+    seed: int = 0,
+    tolerance: float = 1e-5,
+) -> None:
+    """A ``row_merger`` (optional) gives ``merge_weight``'s rows, block by uneven block, float32."""
+    layer = _perturbed_layer(_method(method, options), backend, in_features, out_features, seed)
+    name = layer.active_adapter
+    method_obj, adapter = layer.methods[name], layer.adapters[name]
+    with torch.no_grad():
+        merge_rows = method_obj.row_merger(adapter)
+        if merge_rows is None:
+            return
+        weight = layer.backend.dequantize_module(layer.base)
+        expected = method_obj.merge_weight(adapter, weight)
+        bounds = [0, 1, out_features // 3, out_features - 1, out_features]  # blocks of 1, a few, the rest
+        parts = []
+        for start, stop in itertools.pairwise(bounds):
+            rows = weight[start:stop].clone()
+            part = merge_rows(rows, slice(start, stop))
+            assert torch.equal(rows, weight[start:stop]), "row_merger's function modified its input rows"
+            assert part.dtype == torch.float32 and part.shape == rows.shape, (
+                f"row_merger's function returned {part.dtype} {tuple(part.shape)} for rows {start}..{stop}; "
+                f"the contract is float32 {tuple(rows.shape)}"
+            )
+            parts.append(part)
+    error = _relative(torch.cat(parts), expected)
+    assert error <= tolerance, f"row_merger's rows differ from merge_weight's by {error:.2e}"
+
+
 def check_check_layer_agrees_with_create_adapter(
     method: Method | str,
     *,
@@ -813,6 +849,7 @@ def method_checks() -> list[MethodCheck]:
         check_merge_weight_matches_forward,
         check_unmerge_weight_inverts_merge_weight,
         check_merge_protocol_through_layer,
+        check_row_merger_matches_merge_weight,
     ]
 
 

@@ -229,6 +229,14 @@ class Bf16Merge(AddDelta):
         return (weight + adapter.delta.float()).bfloat16()
 
 
+class RowMergerIgnoresRows(AddDelta):
+    """row_merger adds the first rows of the delta to every block (ignores which rows it was given)."""
+
+    def row_merger(self, adapter):
+        delta = adapter.delta.detach().float()
+        return lambda weight_rows, rows: weight_rows + delta[: weight_rows.shape[0]]
+
+
 class RequiredOptions(PluginOptions):
     scale: float = Field(description="No default: the suite must be told a value.")
     seed: int = 0
@@ -281,6 +289,11 @@ class NoDefaults(AddDelta):
             "check_merge_weight_matches_forward",
             "merge_weight() returned torch.bfloat16; the contract is float32",
         ),
+        (
+            lambda: testing.check_method(RowMergerIgnoresRows()),
+            "check_row_merger_matches_merge_weight",
+            "row_merger's rows differ from merge_weight's",
+        ),
     ],
     ids=[
         "buffer-adapter",
@@ -291,6 +304,7 @@ class NoDefaults(AddDelta):
         "no-grad-delta",
         "detaching-backend",
         "bf16-merge",
+        "row-merger-ignores-rows",
     ],
 )
 def test_the_suite_names_the_rule_a_broken_plugin_breaks(run, rule, message):

@@ -21,7 +21,7 @@ from qadapt.export import REPORT_FILE, export, export_targets
 NF4 = BitsAndBytesConfig(
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
 )
-METHODS = {"oft": {"block_size": 16}, "randlora": {"r": 8, "alpha": 16.0}}
+METHODS = {"oft": {"block_size": 16}, "randlora": {"r": 8, "alpha": 16.0}, "lora": {"r": 4}, "dora": {"r": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,10 @@ CASES = [
     ("oft", "float", "float32"),
     ("randlora", "float", "nf4"),
     ("randlora", "nf4", "nf4"),
+    # float to float merges a block of rows at a time (Method.row_merger)
+    ("randlora", "float", "float32"),
+    ("lora", "float", "float32"),
+    ("dora", "float", "float32"),
 ]
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qadapt.errors import AdapterStateError, ArgumentTypeError, ConfigError
-from qadapt.protocols import BaseForward, BaseLayer, Method
+from qadapt.protocols import BaseForward, BaseLayer, Method, RowMerger
 from qadapt_lora.options import LoraOptions
 
 
@@ -96,6 +96,11 @@ class LoraMethod(Method):
     def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         return weight - _as(adapter, LoraAdapter, self).delta_weight().to(weight.dtype)
 
+    def row_merger(self, adapter: nn.Module) -> RowMerger | None:
+        lora = _as(adapter, LoraAdapter, self)
+        down, up = lora.lora_A.weight.detach().float(), lora.lora_B.weight.detach().float()
+        return lambda weight_rows, rows: weight_rows + (up[rows] @ down) * lora.scaling
+
 
 class DoraMethod(LoraMethod):
     """DoRA: LoRA's direction update with a learned magnitude per output row.
@@ -144,6 +149,18 @@ class DoraMethod(LoraMethod):
         norm = torch.linalg.vector_norm(combined, dim=1)
         adapter.merged_norm = norm
         return (self._factor(adapter, norm) * combined).to(weight.dtype)
+
+    def row_merger(self, adapter: nn.Module) -> RowMerger:
+        dora = _as(adapter, DoraAdapter, self)
+        lora_rows = super().row_merger(dora)
+        assert lora_rows is not None
+        magnitude = dora.magnitude.detach().float()
+
+        def merge_rows(weight_rows: torch.Tensor, rows: slice) -> torch.Tensor:
+            combined = lora_rows(weight_rows, rows)  # each row's norm needs only that row
+            return (magnitude[rows] / torch.linalg.vector_norm(combined, dim=1))[:, None] * combined
+
+        return merge_rows
 
     def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         adapter = _as(adapter, DoraAdapter, self)

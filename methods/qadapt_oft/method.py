@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from qadapt.errors import ConfigError
-from qadapt.protocols import BaseForward, Method
+from qadapt.protocols import BaseForward, Method, RowMerger
 from qadapt_oft import rotation
 from qadapt_oft.options import BlockLayout, OFTOptions, block_layout
 
@@ -99,6 +99,10 @@ class OFTMethod(Method):
     def merge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         adapter = _as_oft(adapter)
         return rotation.rotate_weight(weight, self._merge_rotations(adapter).to(weight.dtype))
+
+    def row_merger(self, adapter: nn.Module) -> RowMerger:
+        rotations = self._merge_rotations(_as_oft(adapter)).float()  # the rotation acts on inputs: rows are independent
+        return lambda weight_rows, rows: rotation.rotate_weight(weight_rows, rotations)
 
     def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         adapter = _as_oft(adapter)

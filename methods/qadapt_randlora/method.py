@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qadapt.errors import ConfigError
-from qadapt.protocols import BaseForward, Method
+from qadapt.protocols import BaseForward, Method, RowMerger
 from qadapt_randlora.bases import RandLoraBases, generate_bases, num_bases
 from qadapt_randlora.options import RandLoraOptions
 from qadapt_randlora.scaled_basis import scaled_basis
@@ -108,6 +108,11 @@ class RandLoraMethod(Method):
 
     def unmerge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         return weight - _as_randlora(adapter).delta_weight(torch.float32).to(weight.dtype)
+
+    def row_merger(self, adapter: nn.Module) -> RowMerger:
+        randlora = _as_randlora(adapter)
+        first, second = (t.detach() for t in randlora.factors(torch.float32))
+        return lambda weight_rows, rows: weight_rows + (second[rows] @ first) * randlora.scaling
 
 
 def _as_randlora(adapter: nn.Module) -> RandLoraAdapter:
