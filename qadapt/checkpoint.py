@@ -51,7 +51,7 @@ from qadapt.checkpoint_files import (
     sha256,
 )
 from qadapt.config import AUTO_BACKEND, PluginSpec, QAdaptConfig, check_adapter_name, validate_config
-from qadapt.errors import AdapterStateError, CheckpointError, QAdaptError, shorten
+from qadapt.errors import AdapterStateError, CheckpointError, PairMismatchError, QAdaptError, shorten
 from qadapt.hooks import interop_hooks
 from qadapt.layer import QuantAdapterLinear
 from qadapt.model_ops import add_adapter, delete_adapter, list_adapters
@@ -352,7 +352,7 @@ def _check_config_file(directory: Path, metadata: dict[str, str], description: d
         return
     # Checkpoints written before the digest: the config must say what the header says.
     if parse_json_object(data, config_path) != json.loads(metadata[_HEADER_KEY]):
-        raise CheckpointError(
+        raise PairMismatchError(
             f"{config_path} describes another adapter than {path}: a save was interrupted or another save ran "
             "at the same time; save the adapter again"
         )

@@ -126,7 +126,8 @@ class CheckpointError(QAdaptError, ValueError):
 class PairMismatchError(CheckpointError):
     """A checkpoint's config file and tensors file come from two saves (or were edited apart).
 
-    Raised after a second read found the same: a save that finished in between is read again.
+    Loads read such a pair once more before raising it (a save running at that moment has usually
+    finished by then), so it reaching the caller means two reads disagreed.
     """
 
 

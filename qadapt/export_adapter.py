@@ -132,10 +132,12 @@ def _peft_source(directory: Path) -> AdapterSource:
         peft_config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
         with safe_open(str(weights), framework="pt") as handle:
             keys = list(handle.keys())
+            saved_digest = (handle.metadata() or {}).get(pi.SETTINGS_DIGEST_KEY)
     except (json.JSONDecodeError, SafetensorError, OSError) as exc:
         raise CheckpointError(f"{directory} is not a readable PEFT adapter: {exc}") from exc
     method_name, hooks = pi._method_for_peft_type(str(peft_config.get("peft_type")), peft_config)
     pi._check_unsupported(peft_config, str(directory))
+    pi.check_settings_digest(saved_digest, peft_config, hooks.options_from_peft(peft_config), directory)
     layer_keys, model_keys = pi._split_keys({k: k for k in keys}, tuple(hooks.PEFT_LAYER_KEYS), str(directory))
     try:
         cfg = validate_config(

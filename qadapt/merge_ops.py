@@ -365,10 +365,14 @@ def _target_backend(to: Backend | str, to_options: Any) -> Backend:
 def _merged_float(layer: QuantAdapterLinear) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(W, W', adapter)``: the layer's unmerged dequantized weight and its exact float merged weight.
 
-    A merged layer is taken from its snapshot when it kept one; without, from the merged storage.
+    A merged layer is taken from its snapshot when it kept one; without, from the merged storage
+    (a merge the guard reverted left the base storage, which is merged again here in float).
     """
     state = layer._merged
-    if state is not None:
+    if state is not None and state.reverted:
+        # The guard kept the base: the storage is unmerged, so the float merge starts from it.
+        storage, name = layer.backend.get_storage(layer.base), state.adapter
+    elif state is not None:
         if state.snapshot is None:
             current = layer.backend.dequantize_module(layer.base)
             return current, current, state.adapter

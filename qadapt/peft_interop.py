@@ -130,14 +130,19 @@ def _read_checked_peft_dir(directory: Path) -> tuple[dict[str, Any], dict[str, t
     method_name, hooks = _method_for_peft_type(peft_config["peft_type"], peft_config)
     _check_unsupported(peft_config, str(directory))
     options = hooks.options_from_peft(peft_config)
-    saved_digest = metadata.get(SETTINGS_DIGEST_KEY)
-    if saved_digest is not None and saved_digest != _settings_digest(peft_config["peft_type"], options):
+    check_settings_digest(metadata.get(SETTINGS_DIGEST_KEY), peft_config, options, directory)
+    return peft_config, tensors, method_name, hooks, options
+
+
+def check_settings_digest(saved: str | None, peft_config: Mapping[str, Any], options: Any, directory: Path) -> None:
+    """Raise :class:`PairMismatchError` when the weights header's settings digest (``saved``; None
+    for directories PEFT itself wrote) does not match the method settings of the config file."""
+    if saved is not None and saved != _settings_digest(peft_config["peft_type"], options):
         raise PairMismatchError(
             f"{directory / PEFT_CONFIG_FILE} holds other method settings than the ones "
             f"{PEFT_WEIGHTS_FILE} was saved with: a save was interrupted, another save ran at the same time, or "
             "the method fields were edited; save the adapter again"
         )
-    return peft_config, tensors, method_name, hooks, options
 
 
 def _check_unsupported(config: Mapping[str, Any], source: str) -> None:

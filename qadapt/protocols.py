@@ -389,8 +389,9 @@ class Method(_Plugin):
         ``range(out_features)``) of the weight, and returns the merged rows ``[r, in]`` float32: the
         same rows :meth:`merge_weight` gives for the whole weight, up to float rounding. A method
         whose merge treats each output row on its own (OFT's rotation of the inputs, LoRA's
-        ``W + s B A``) offers it, so an export holds one block of rows in float32 instead of the
-        layer. Called once per layer; whatever the adapter needs may be computed before returning.
+        ``W + s B A``) offers it, so an export holds one block of the weight's rows in float32
+        instead of the whole weight. Called once per layer; whatever the adapter needs (rotations,
+        factors) may be computed before returning.
         """
         return None
 

@@ -217,7 +217,7 @@ def refit_row_aligned(
     (``G = in / group_size``). Per row, minimises ``(w - v diag(s)) H (w - v diag(s))^T`` over the
     row's ``G`` scales (a ``G x G`` system). Returns ``(new_scales [out, G], change [out])`` where
     ``change`` (float64) is the new objective minus the old one (<= 0 up to rounding). Groups
-    whose codes are all zero keep their scale.
+    whose codes are all zero keep their scale. ``hessian`` must be symmetric (an ``X^T X``, damped).
 
     Cost: one ``[out, in] @ [in, in]`` product for the gradient, and one ``[out, g] @ [g, in]``
     product per group (``out * in^2`` multiply-adds in all), each followed by a reduction over

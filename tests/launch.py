@@ -33,13 +33,14 @@ def torchrun(nproc: int, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
 
 
-#: How a process that a signal killed shows: a negative return code here, or torchrun's report of
-#: a rank's exit code (SIGABRT -6, SIGBUS -7, SIGSEGV -11).
+#: How a native crash shows: a return code of -SIGABRT/-SIGBUS/-SIGSEGV here, or torchrun's report
+#: of a rank's exit code. Other signals (the OOM killer's SIGKILL, a timeout's kill) are not retried.
+_NATIVE_CRASH_CODES = (-6, -7, -11)
 _NATIVE_CRASH = re.compile(r"exitcode\s*:\s*-(6|7|11)\b")
 
 
 def _crashed(returncode: int, log: str) -> bool:
-    return returncode < 0 or (returncode != 0 and _NATIVE_CRASH.search(log) is not None)
+    return returncode in _NATIVE_CRASH_CODES or (returncode != 0 and _NATIVE_CRASH.search(log) is not None)
 
 
 def _start(commands: Sequence[Sequence[str]], env: dict[str, str], timeout: float) -> list[tuple[int, str]]:
@@ -59,22 +60,35 @@ def _start(commands: Sequence[Sequence[str]], env: dict[str, str], timeout: floa
     return [(proc.returncode, log) for proc, log in zip(procs, logs, strict=True)]
 
 
+def _new_ports(commands: Sequence[Sequence[str]], env: dict[str, str]) -> tuple[list[list[str]], dict[str, str]]:
+    """The same commands and environment on fresh rendezvous ports (``--master_port``, ``MASTER_PORT``)."""
+    fresh = []
+    for command in commands:
+        command = list(command)
+        if "--master_port" in command:
+            command[command.index("--master_port") + 1] = str(free_port())
+        fresh.append(command)
+    return fresh, {**env, "MASTER_PORT": str(free_port())}
+
+
 def run_processes(commands: Sequence[Sequence[str]], env: dict[str, str], timeout: float) -> list[str]:
     """Run ``commands`` at the same time; each must exit 0 within ``timeout`` seconds. Returns the logs.
 
-    A command that a signal killed (a native crash inside a library: glibc once aborted a gloo rank
-    with "malloc(): unaligned tcache chunk detected" in CI, and 10 repeats here did not reproduce it)
-    is run once more, alone, with the first crash's log tail written to stderr so it stays visible.
-    A second crash, a non-zero exit or a timeout fails. ``PYTHONFAULTHANDLER`` is set so a crash
-    prints the Python stack it happened under.
+    When one of them crashed natively (a library aborting: glibc once killed a gloo rank with
+    "malloc(): unaligned tcache chunk detected" in CI, and 10 repeats here did not reproduce it),
+    the whole set runs once more on fresh ports (the ranks of one job rendezvous with each other),
+    with the crash's log tail written to stderr so it stays visible. A second crash, any other
+    failure or a timeout fails. ``PYTHONFAULTHANDLER`` is set so a crash prints its Python stack.
     """
     env = {"PYTHONFAULTHANDLER": "1", **env}
     results = _start(commands, env, timeout)
-    for index, (code, log) in enumerate(results):
-        if _crashed(code, log):
-            name = " ".join(commands[index][-3:])
-            sys.stderr.write(f"{name} crashed (exit {code}); running it again:\n{log[-4000:]}\n")
-            results[index] = _start([commands[index]], env, timeout)[0]
+    crashed = [i for i, (code, log) in enumerate(results) if _crashed(code, log)]
+    if crashed:
+        code, log = results[crashed[0]]
+        name = " ".join(commands[crashed[0]][-3:])
+        sys.stderr.write(f"{name} crashed (exit {code}); running all {len(commands)} again:\n{log[-4000:]}\n")
+        commands, env = _new_ports(commands, env)
+        results = _start(commands, env, timeout)
     for command, (code, log) in zip(commands, results, strict=True):
         assert code == 0, f"{' '.join(command[-3:])} exited {code}:\n{log[-4000:]}"
     return [log for _, log in results]

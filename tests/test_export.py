@@ -204,3 +204,13 @@ def test_a_non_finite_merge_is_refused_and_nothing_is_written(bases: dict[str, P
         with pytest.raises(qadapt.UnsafeMergeError, match="non-finite"):
             export(bases["float"], tmp_path / "adapter", tmp_path / "out", to=target, progress=False)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_peft_pair_from_two_saves_is_refused_as_load_refuses_it(bases: dict[str, Path], tmp_path: Path):
+    load = loader(bases, "float", "float32")
+    for name, r in (("peft", 8), ("other", 4)):
+        qadapt.save_peft_adapter(qadapt.wrap(load(), method="randlora", method_options={"r": r}), tmp_path / name)
+    (tmp_path / "peft" / "adapter_config.json").write_bytes((tmp_path / "other" / "adapter_config.json").read_bytes())
+    with pytest.raises(qadapt.PairMismatchError, match="other method settings"):
+        export(bases["float"], tmp_path / "peft", tmp_path / "out", to="float32", progress=False)
+    assert not (tmp_path / "out").exists()

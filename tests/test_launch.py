@@ -20,6 +20,25 @@ def test_a_command_that_crashed_once_is_run_again(tmp_path, capsys):
     assert "crashed (exit -6)" in capsys.readouterr().err
 
 
+def test_a_crash_reruns_every_command_of_the_job(tmp_path):
+    # Ranks of one job rendezvous with each other: a crashed rank is rerun with its peers.
+    peer = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(p.read_text() + 'x' if p.exists() else 'x')"
+    )
+    commands = [
+        [sys.executable, "-c", ABORT_ONCE, str(tmp_path / "ran")],
+        [sys.executable, "-c", peer, str(tmp_path / "peer")],
+    ]
+    launch.run_processes(commands, launch.env(), 60)
+    assert (tmp_path / "peer").read_text() == "xx"
+
+
+def test_a_killed_process_is_not_taken_for_a_native_crash():
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(AssertionError, match="exited -9"):
+        launch.run_processes([[sys.executable, "-c", killed]], launch.env(), 60)
+
+
 def test_a_second_crash_fails():
     always = "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"
     with pytest.raises(AssertionError, match="exited -6"):

@@ -344,3 +344,18 @@ def test_output_error_in_the_input_metric_matches_float64(magnitude):
     hessian = x.T @ x
     expected = float(torch.trace(error.double() @ hessian.double() @ error.double().T))
     assert output_sq_error(error, hessian) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("keep_snapshot", [True, False])
+def test_a_float_unwrap_of_a_reverted_merge_merges_the_adapter_in_float(keep_snapshot):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    qadapt.wrap(model, method="oft", backend="bnb4", targets=["0"], method_options=OFT)
+    layer = model[0]
+    trained_like(layer, 1e-5)
+    expected = layer.methods["default"].merge_weight(
+        layer.adapters["default"], layer.backend.dequantize_module(layer.base)
+    )
+    assert layer.merge(requantize="fresh", keep_snapshot=keep_snapshot).reverted
+    qadapt.unwrap(model, merge="float")
+    assert torch.equal(model[0].weight.detach(), expected)

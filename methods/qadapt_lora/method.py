@@ -140,8 +140,9 @@ class DoraMethod(LoraMethod):
             plain = F.linear(x, weight)
         return result + (scale - 1) * plain + scale * adapter.update(x)
 
-    def _factor(self, adapter: DoraAdapter, norm: torch.Tensor) -> torch.Tensor:
-        return (adapter.magnitude.detach().float() / norm)[:, None]
+    def _factor(self, adapter: DoraAdapter, norm: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``m / ||W + s·B A||`` as a column ``[r, 1]`` for ``norm [r]``, the row norms of ``rows``."""
+        return (adapter.magnitude.detach().float()[rows] / norm)[:, None]
 
     def merge_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         adapter = _as(adapter, DoraAdapter, self)
@@ -154,11 +155,10 @@ class DoraMethod(LoraMethod):
         dora = _as(adapter, DoraAdapter, self)
         lora_rows = super().row_merger(dora)
         assert lora_rows is not None
-        magnitude = dora.magnitude.detach().float()
 
         def merge_rows(weight_rows: torch.Tensor, rows: slice) -> torch.Tensor:
             combined = lora_rows(weight_rows, rows)  # each row's norm needs only that row
-            return (magnitude[rows] / torch.linalg.vector_norm(combined, dim=1))[:, None] * combined
+            return self._factor(dora, torch.linalg.vector_norm(combined, dim=1), rows) * combined
 
         return merge_rows
 
