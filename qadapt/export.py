@@ -266,24 +266,30 @@ def _finish_figures(sums: list[float]) -> tuple[float, float | None]:
     )
 
 
+#: float32 bytes of one block of rows in a row-wise float merge (a few temporaries of this size live at once).
+_ROW_BLOCK_BYTES = 2 * 2**20
+
+
 def _float_merge_by_rows(
-    source: torch.Tensor, merge_rows: RowMerger, dtype: torch.dtype, what: str
-) -> tuple[torch.Tensor, tuple[float, float | None]]:
-    """``(merged cast to dtype, figures)`` of a float ``source [out, in]``, ``_ROWS`` rows at a time:
-    only one block of rows is ever in float32 (the whole-layer path holds three float32 copies)."""
-    out = torch.empty(source.shape, dtype=dtype)
-    sums = [0.0, 0.0, 0.0, 0.0]
-    for start in range(0, source.shape[0], _ROWS):
-        rows = slice(start, min(start + _ROWS, source.shape[0]))
+    source: torch.Tensor, merge_rows: RowMerger, dtype: torch.dtype, what: str, figures: list[float]
+) -> Iterator[torch.Tensor]:
+    """The merged rows of a float ``source [out, in]``, cast to ``dtype``, a block at a time (for
+    :meth:`ShardWriter.add_blocks`): only one block is ever in float32. Adds each block to the
+    four ``figures`` sums (see :func:`_finish_figures`)."""
+    step = max(1, min(_ROWS, _ROW_BLOCK_BYTES // (4 * max(source.shape[1], 1))))
+    for start in range(0, source.shape[0], step):
+        rows = slice(start, min(start + step, source.shape[0]))
         before = source[rows].float()
         merged = merge_rows(before, rows)
         if not bool(torch.isfinite(merged).all()):
             raise UnsafeMergeError(
                 f"{what} gives non-finite values (NaN/Inf) in rows {rows.start}..{rows.stop - 1}; nothing was written"
             )
-        out[rows] = merged
-        _add_figure_sums(sums, before, merged, out[rows])
-    return out, _finish_figures(sums)
+        out = merged.to(dtype)
+        _add_figure_sums(figures, before, merged, out)
+        if not all(math.isfinite(x) for x in figures):
+            check_finite(out, f"{what} (in {dtype})")
+        yield out
 
 
 def _quantize(backend: Backend, weight: torch.Tensor) -> QuantizedWeight:
@@ -683,13 +689,15 @@ def _layer(
         if adapter is None:
             out = backend.dequantize(storage).to(target.dtype)
         elif group.float_weight and (merge_rows := source.method.row_merger(adapter)) is not None:
-            out, (error, retained) = _float_merge_by_rows(
-                storage.tensors["weight"], merge_rows, target.dtype, f"merging adapter {name!r} into {group.module}"
-            )
-            if not math.isfinite(error):
-                check_finite(out, f"merging adapter {name!r} into {group.module} (in {target.dtype})")
+            weight_in = storage.tensors["weight"]
+            figures = [0.0, 0.0, 0.0, 0.0]
+            what = f"merging adapter {name!r} into {group.module}"
+            blocks = _float_merge_by_rows(weight_in, merge_rows, target.dtype, what, figures)
+            writer.add_blocks(f"{group.module}.weight", target.dtype, tuple(weight_in.shape), blocks)
+            error, retained = _finish_figures(figures)
             results[group.module] = MergeResult(name, error, retained, path="float")
-            del storage, adapter
+            del storage, adapter, weight_in
+            out = None
         else:
             weight, merged = float_merged_weight(backend, source.method, adapter, storage)
             del storage, adapter  # the checkpoint tensors are no longer needed
@@ -702,7 +710,7 @@ def _layer(
                 check_finite(out, f"merging adapter {name!r} into {group.module} (in {target.dtype})")
             results[group.module] = MergeResult(name, error, retained, path="float")
             del weight, merged
-        tensors_out = {"weight": out}
+        tensors_out = {} if out is None else {"weight": out}
     else:
         tb = plan.target_backend
         assert tb is not None

@@ -129,14 +129,18 @@ def model_entries(directory: Path) -> dict[str, TensorEntry]:
 
 
 def read_tensors(entries: Iterable[TensorEntry]) -> dict[str, torch.Tensor]:
-    """The tensors of ``entries`` (one layer's worth), each file opened once and closed again.
+    """The tensors of ``entries`` (one layer's worth).
 
-    Closing releases the file mapping, so pages read earlier do not stay resident.
+    A tensor of a known dtype is read straight into its own memory (no file mapping, whose pages
+    would count as resident beside the copy); others through ``safe_open``, each file opened once.
     """
     by_file: dict[Path, list[str]] = {}
-    for entry in entries:
-        by_file.setdefault(entry.file, []).append(entry.key)
     out: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        if entry.dtype is None:
+            by_file.setdefault(entry.file, []).append(entry.key)
+        else:
+            out[entry.key] = read_tensor(entry)
     for path, keys in by_file.items():
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -145,6 +149,27 @@ def read_tensors(entries: Iterable[TensorEntry]) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: cannot read {', '.join(keys)}: {exc}") from exc
     return out
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """``entry``'s tensor, read from its file into a new tensor of its dtype and shape."""
+    assert entry.dtype is not None
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes != tensor.numel() * tensor.element_size():
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.key!r} holds {entry.nbytes} bytes, but {entry.code} {list(entry.shape)} "
+            f"needs {tensor.numel() * tensor.element_size()}"
+        )
+    if entry.nbytes:
+        try:
+            with open(entry.file, "rb") as handle:
+                handle.seek(entry.start)
+                got = handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as exc:
+            raise CheckpointError(f"{entry.file}: cannot read {entry.key}: {exc}") from exc
+        if got != entry.nbytes:
+            raise CheckpointError(f"{entry.file} ends inside tensor {entry.key!r}")
+    return tensor
 
 
 def parse_size(value: int | str, field: str) -> int:
@@ -216,6 +241,26 @@ class ShardWriter:
         self._room_for(nbytes)
         self._handle.write(_tensor_bytes(tensor))
         self._record(key, tensor.dtype, tuple(tensor.shape), nbytes, tensor.numel())
+
+    def add_blocks(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], blocks: Iterable[torch.Tensor]) -> None:
+        """Append one tensor of ``dtype`` and ``shape`` written as ``blocks`` (its rows in order) come."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.tensor([], dtype=dtype).element_size()
+        self._room_for(nbytes)
+        written = 0
+        for block in blocks:
+            if block.dtype != dtype:
+                raise CheckpointError(f"tensor {key!r}: a block of {block.dtype} in a {dtype} tensor")
+            data = _tensor_bytes(block)
+            self._handle.write(data)
+            written += data.nbytes
+        if written != nbytes:
+            raise CheckpointError(
+                f"tensor {key!r}: its blocks hold {written} bytes, its shape {list(shape)} needs {nbytes}"
+            )
+        self._record(key, dtype, shape, nbytes, numel)
 
     def add_streamed(self, key: str, entry: TensorEntry, dtype: torch.dtype | None = None) -> None:
         """Append ``entry``'s tensor copied from its file in chunks, cast to ``dtype`` when given."""

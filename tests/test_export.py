@@ -214,3 +214,27 @@ def test_a_peft_pair_from_two_saves_is_refused_as_load_refuses_it(bases: dict[st
     with pytest.raises(qadapt.PairMismatchError, match="other method settings"):
         export(bases["float"], tmp_path / "peft", tmp_path / "out", to="float32", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_cut_short_is_named_and_nothing_is_written(bases: dict[str, Path], tmp_path: Path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(bases["float"], base)
+    weights = base / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size - 1000)  # the last tensors lose their tail
+    model = qadapt.wrap(loader(bases, "float", "float32")(), method="oft", method_options=METHODS["oft"])
+    qadapt.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(qadapt.CheckpointError, match="model.safetensors"):
+        export(base, tmp_path / "adapter", tmp_path / "out", to="float32", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_blocks_that_do_not_fill_the_shape_are_refused(tmp_path: Path):
+    from qadapt.export_io import ShardWriter
+
+    writer = ShardWriter(tmp_path, 10**9)
+    with pytest.raises(qadapt.CheckpointError, match="its blocks hold 24 bytes, its shape \\[4, 3\\] needs 48"):
+        writer.add_blocks("w", torch.float32, (4, 3), [torch.zeros(2, 3)])
+    writer.abort()
