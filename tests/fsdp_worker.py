@@ -59,7 +59,7 @@ def batch(step: int, rank: int | None) -> torch.Tensor:
 
 def load(path: str, mesh) -> torch.nn.Module:
     # The plugins' registered names come from the registry: load them before unpickling instances.
-    qadapt.registry.method_class("oft"), qadapt.registry.backend_class("bnb4")
+    qadapt.registry.method_class("oft"), qadapt.registry.backend_class("bnb4"), qadapt.registry.backend_class("torchao")
     model = torch.load(path, weights_only=False)
     model.train()
     if mesh is not None:
@@ -89,6 +89,15 @@ def train(model, opt, steps: range, rank: int | None, on_step=None) -> list[floa
     return losses
 
 
+def plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors behind ``tensor``: itself, or a tensor subclass's inner tensors (NF4)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [part for name in names for part in plain_parts(getattr(tensor, name))]
+    return [tensor]
+
+
 def base_digest(model: torch.nn.Module) -> str:
     """Hash of this process's part of every quantized base (local shards under FSDP2)."""
     digest = hashlib.sha256()
@@ -96,7 +105,8 @@ def base_digest(model: torch.nn.Module) -> str:
         for key, tensor in sorted(layer.base.state_dict().items()):
             local = tensor.to_local() if distributed.is_sharded(tensor) else tensor
             digest.update(f"{name}.{key}".encode())
-            digest.update(local.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            for part in plain_parts(local):
+                digest.update(part.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -1,9 +1,10 @@
-"""FSDP2 (``fully_shard``) over bnb4 bases: 2 ranks under ``torchrun`` (gloo, CPU) against one process.
+"""FSDP2 (``fully_shard``) over 4-bit bases: 2 ranks under ``torchrun`` (gloo, CPU) against one process.
 
 One launch trains a wrapped Llama (8 decoder blocks, hidden 1024, MLP 4096: 60 MiB of packed
-4-bit codes, enough for sharding to show in resident memory) with ``quant_storage`` bfloat16
-and float32, sharded per decoder block and at the root; a single process trains the same
-model on the concatenated batch at the same time. See ``fsdp_worker.py`` for what each run does.
+4-bit codes, enough for sharding to show in resident memory) on bnb4 with ``quant_storage``
+bfloat16 and float32, and on torchao's NF4 tensor, sharded per decoder block and at the root; a
+single process trains the same model on the concatenated batch at the same time. See
+``fsdp_worker.py`` for what each run does.
 
 Both runs use ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB: glibc otherwise raises the threshold
 as large buffers are freed and keeps later ones on its heap, so resident memory would measure
@@ -23,7 +24,9 @@ from tiny_models import tiny_llama
 import qadapt
 
 TESTS_DIR = Path(__file__).resolve().parent
-STORAGES = ["bfloat16", "float32"]
+#: One model per run: bnb4 with each float ``quant_storage``, and torchao's NF4 tensor subclass
+#: (the format torchtune shards with FSDP2).
+STORAGES = ["bfloat16", "float32", "torchao-nf4"]
 #: Loss agreement between the 2-rank run (mean of the ranks' losses) and the single process.
 #: The sums run in another order (two half batches, then the gradient reduce-scatter, against one
 #: batch), so float32 rounding differs by a few ulps (~5e-7 at a loss of 5) and AdamW carries
@@ -32,12 +35,16 @@ LOSS_ATOL = 1e-5
 
 
 def build(storage: str, path: Path) -> None:
+    if storage == "torchao-nf4":
+        backend, options = "torchao", {"config": "nf4"}
+    else:
+        backend, options = "bnb4", {"quant_storage": storage, "fast_requantize": False}
     model = qadapt.wrap(
         tiny_llama(seed=0, hidden_size=1024, num_layers=8, intermediate_size=4096),
         method="oft",
-        backend="bnb4",
+        backend=backend,
         method_options={"block_size": 16},
-        backend_options={"quant_storage": storage, "fast_requantize": False},
+        backend_options=options,
     )
     torch.save(model, path)
 
