@@ -142,7 +142,8 @@ class WrapSummary:
 
     Counted the same whatever a backend stores its codes in (parameters, buffers, or plain
     attributes): each wrapped layer's weight counts as the ``out x in`` weights it represents
-    (not as packed codes), and bytes count every tensor the model holds once.
+    (not as packed codes), and bytes count every tensor the model holds once. A base layer's
+    ``bias`` counts even where the layer keeps it as a plain tensor attribute.
     """
 
     layers: int
@@ -209,9 +210,19 @@ def summary(model: nn.Module) -> WrapSummary:
     in_storage = {_memory_key(t) for t in storage_tensors if not t.is_meta}
     params = list({id(p): p for p in model.parameters()}.values())
     outside = [p for p in params if p.is_meta or any(_memory_key(t) not in in_storage for t in _plain(p))]
+    # A base layer may keep its bias as a plain tensor attribute, neither parameter nor buffer.
+    held = {_memory_key(t) for p in [*params, *model.buffers()] if not p.is_meta for t in _plain(p)} | in_storage
+    loose_biases = [
+        bias
+        for _, layer in layers
+        if isinstance(bias := getattr(layer.base, "bias", None), torch.Tensor)
+        and not bias.is_meta
+        and all(_memory_key(t) not in held for t in _plain(bias))
+    ]
+    outside += loose_biases
     represented = sum(layer.in_features * layer.out_features for _, layer in layers)
     unique: dict[tuple[str, int, int], int] = {}
-    for tensor in [*params, *model.buffers(), *storage_tensors]:
+    for tensor in [*params, *model.buffers(), *storage_tensors, *loose_biases]:
         for plain in [] if tensor.is_meta else _plain(tensor):
             unique[_memory_key(plain)] = plain.untyped_storage().nbytes()
     backends = Counter(layer.backend.name or type(layer.backend).__name__ for _, layer in layers)

@@ -295,3 +295,16 @@ def test_plugins_import_their_library_only_when_a_layer_needs_it():
         """
     )
     assert out == "[] {'none': 1}"
+
+
+def test_summary_counts_the_bias_hqq_keeps_outside_parameters():
+    """HQQLinear holds its bias as a plain attribute: it still counts, in parameters and in bytes."""
+    plain = two_layer_model()
+    float_params = sum(p.numel() for p in plain.parameters())
+    model = qadapt.wrap(two_layer_model(), method="lora", backend="hqq", targets=["0", "2"])
+    assert not any(n.endswith("bias") for n, _ in model[0].base.named_parameters())
+    info = qadapt.summary(model)
+    assert info.total_params == float_params + info.trainable_params
+    biases = sum(model[i].base.bias.numel() * model[i].base.bias.element_size() for i in (0, 2))
+    adapters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert info.total_bytes >= info.quantized_bytes + biases + adapters
