@@ -249,17 +249,24 @@ class ShardWriter:
             numel *= d
         nbytes = numel * torch.tensor([], dtype=dtype).element_size()
         self._room_for(nbytes)
+        start = self._handle.tell()
         written = 0
-        for block in blocks:
-            if block.dtype != dtype:
-                raise CheckpointError(f"tensor {key!r}: a block of {block.dtype} in a {dtype} tensor")
-            data = _tensor_bytes(block)
-            self._handle.write(data)
-            written += data.nbytes
-        if written != nbytes:
-            raise CheckpointError(
-                f"tensor {key!r}: its blocks hold {written} bytes, its shape {list(shape)} needs {nbytes}"
-            )
+        try:
+            for block in blocks:
+                if block.dtype != dtype:
+                    raise CheckpointError(f"tensor {key!r}: a block of {block.dtype} in a {dtype} tensor")
+                data = _tensor_bytes(block)
+                self._handle.write(data)
+                written += data.nbytes
+            if written != nbytes:
+                raise CheckpointError(
+                    f"tensor {key!r}: its blocks hold {written} bytes, its shape {list(shape)} needs {nbytes}"
+                )
+        except BaseException:
+            # Take back what was written, so the shard stays consistent with its recorded tensors.
+            self._handle.seek(start)
+            self._handle.truncate()
+            raise
         self._record(key, dtype, shape, nbytes, numel)
 
     def add_streamed(self, key: str, entry: TensorEntry, dtype: torch.dtype | None = None) -> None:

@@ -212,13 +212,15 @@ def summary(model: nn.Module) -> WrapSummary:
     outside = [p for p in params if p.is_meta or any(_memory_key(t) not in in_storage for t in _plain(p))]
     # A base layer may keep its bias as a plain tensor attribute, neither parameter nor buffer.
     held = {_memory_key(t) for p in [*params, *model.buffers()] if not p.is_meta for t in _plain(p)} | in_storage
-    loose_biases = [
-        bias
-        for _, layer in layers
-        if isinstance(bias := getattr(layer.base, "bias", None), torch.Tensor)
-        and not bias.is_meta
-        and all(_memory_key(t) not in held for t in _plain(bias))
-    ]
+    loose_biases = list(
+        {
+            id(bias): bias
+            for _, layer in layers
+            if isinstance(bias := getattr(layer.base, "bias", None), torch.Tensor)
+            and not bias.is_meta
+            and all(_memory_key(t) not in held for t in _plain(bias))
+        }.values()
+    )
     outside += loose_biases
     represented = sum(layer.in_features * layer.out_features for _, layer in layers)
     unique: dict[tuple[str, int, int], int] = {}

@@ -119,7 +119,7 @@ def local_param_mib(model: torch.nn.Module) -> float:
     total = 0
     for p in model.parameters():
         local = p.to_local() if distributed.is_sharded(p) else p
-        total += local.numel() * local.element_size()
+        total += sum(part.numel() * part.element_size() for part in plain_parts(local))  # NF4: its packed parts
     return total / 2**20
 
 

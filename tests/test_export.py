@@ -238,3 +238,22 @@ def test_blocks_that_do_not_fill_the_shape_are_refused(tmp_path: Path):
     with pytest.raises(qadapt.CheckpointError, match="its blocks hold 24 bytes, its shape \\[4, 3\\] needs 48"):
         writer.add_blocks("w", torch.float32, (4, 3), [torch.zeros(2, 3)])
     writer.abort()
+
+
+def test_a_failed_block_write_is_taken_back_and_the_shard_stays_readable(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from qadapt.export_io import ShardWriter
+
+    def blocks():
+        yield torch.ones(2, 3)
+        raise qadapt.UnsafeMergeError("non-finite")
+
+    writer = ShardWriter(tmp_path, 10**9)
+    writer.add("a", torch.arange(4.0))
+    with pytest.raises(qadapt.UnsafeMergeError):
+        writer.add_blocks("w", torch.float32, (4, 3), blocks())
+    writer.add("b", torch.full((2,), 7.0))
+    (path,) = writer.finish()
+    loaded = load_file(str(path))
+    assert sorted(loaded) == ["a", "b"] and torch.equal(loaded["b"], torch.full((2,), 7.0))
