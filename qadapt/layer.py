@@ -505,17 +505,23 @@ def _merged_name(value: Any, key: str) -> str:
             return bytes(value.tolist()).decode("utf-8")
         except UnicodeDecodeError:
             pass
-    got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-    raise AdapterStateError(f"{key} must hold an adapter name as UTF-8 bytes (a 1-D uint8 tensor), got {got}")
+    raise AdapterStateError(
+        f"{key} must hold an adapter name as UTF-8 bytes (a 1-D uint8 tensor), got {_describe(value)}"
+    )
 
 
 def _reverted_flag(value: Any, key: str) -> bool:
     if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == (1,) and int(value) in (0, 1):
         return bool(int(value))
-    got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        got += f" holding {value.item()}"
-    raise AdapterStateError(f"{key} must be a one-element uint8 tensor holding 0 or 1, got {got}")
+    raise AdapterStateError(f"{key} must be a one-element uint8 tensor holding 0 or 1, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    """A state-dict value for an error message: dtype and shape (and the value, for one element)."""
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    text = f"{value.dtype} {tuple(value.shape)}"
+    return text + f" holding {value.item()}" if value.numel() == 1 else text
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:
