@@ -16,7 +16,7 @@ import time
 import torch
 
 from qadapt import registry
-from qadapt.merging import output_sq_error
+from qadapt.merge.engine import output_sq_error
 from qadapt.protocols import CalibrationStats
 
 

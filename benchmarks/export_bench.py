@@ -48,7 +48,7 @@ def child_build(work: Path, size: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qadapt.export_io import ShardWriter
+    from qadapt.formats.hf_checkpoint import ShardWriter
 
     config = LlamaConfig(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=2048, dtype="float16")
     with torch.device("meta"):
@@ -103,8 +103,8 @@ def child_peft(work: Path) -> dict:
 
 
 def child_qadapt(work: Path) -> dict:
-    from qadapt.cli import main
-    from qadapt.export import REPORT_FILE
+    from qadapt.cli.main import main
+    from qadapt.exporting import REPORT_FILE
 
     start = time.perf_counter()
     out = work / "out-qadapt"
@@ -123,7 +123,7 @@ def child_qadapt(work: Path) -> dict:
 def child_compare(work: Path) -> dict:
     """Largest relative difference over the two outputs' tensors (read one at a time)."""
 
-    from qadapt.export_io import model_entries, read_tensors
+    from qadapt.formats.hf_checkpoint import model_entries, read_tensors
 
     ours, theirs = model_entries(work / "out-qadapt"), model_entries(work / "out-peft")
     worst, missing = 0.0, sorted(set(theirs) ^ set(ours))

@@ -29,7 +29,7 @@ DEFAULT_OUT = HERE / "results"
 
 
 def merge_table(methods: list[str], backends: list[str], steps: int, shift: float = 0.0) -> list[dict[str, Any]]:
-    from qadapt.demo import DemoSettings, run_demo
+    from qadapt.cli.demo import DemoSettings, run_demo
 
     rows = []
     for backend in backends:

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qadapt
-from qadapt import distributed
+from qadapt.model import distributed
 
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

@@ -1,14 +1,12 @@
 """qadapt: parameter-efficient adapters on quantized PyTorch layers.
 
-``qadapt.export`` is the export function; the module's other contents are imported with
-``from qadapt.export import ...``.
+``qadapt.export`` is the export function; the rest of the export lives in :mod:`qadapt.exporting`.
 
 Methods (OFT, RandLora, ...) and backends (bitsandbytes int8/nf4/fp4, float, ...) are plugins
 found through the entry-point groups ``qadapt.methods`` and ``qadapt.backends``. Importing
 qadapt imports no plugin.
 """
 
-from qadapt.checkpoint import load_adapter, save_adapter
 from qadapt.config import ConfigValidationError, PluginSpec, QAdaptConfig, config_schema, load_config
 from qadapt.errors import (
     AdapterStateError,
@@ -28,21 +26,23 @@ from qadapt.errors import (
     UnknownPluginError,
     UnsafeMergeError,
 )
-from qadapt.export import ExportReport, export
-from qadapt.layer import MergeResult, QuantAdapterLinear
-from qadapt.merge_ops import MergeReport, merge, unmerge, unwrap
-from qadapt.merging import RequantizeMode, merge_storage
-from qadapt.model_ops import (
-    WrapSummary,
+from qadapt.exporting import ExportReport, export
+from qadapt.merge.engine import merge_storage
+from qadapt.merge.result import MergeResult, RequantizeMode
+from qadapt.model.adapters import (
     add_adapter,
     delete_adapter,
     disable_adapters,
     enable_adapters,
-    list_adapters,
     set_adapter,
-    summary,
 )
-from qadapt.peft_interop import load_peft_adapter, save_peft_adapter
+from qadapt.model.layer import QuantAdapterLinear
+from qadapt.model.layers import list_adapters
+from qadapt.model.model_merge import MergeReport, merge, unmerge, unwrap
+from qadapt.model.summary import WrapSummary, summary
+from qadapt.model.wrap import wrap
+from qadapt.persist.adapter import load_adapter, save_adapter
+from qadapt.persist.peft import load_peft_adapter, save_peft_adapter
 from qadapt.protocols import (
     API_VERSION,
     Backend,
@@ -54,10 +54,8 @@ from qadapt.protocols import (
     PluginOptions,
     QuantizedWeight,
 )
-from qadapt.registry import PluginInfo, plugins
-from qadapt.wrap import wrap
-
-__version__ = "0.1.0"
+from qadapt.registry.loader import PluginInfo, plugins
+from qadapt.version import __version__
 
 __all__ = [
     "API_VERSION",

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+import sys
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 #: Longest text of a user-supplied value put into an error message.
@@ -87,6 +90,33 @@ class ConfigError(QAdaptError, ValueError):
     """Options or a config file failed validation."""
 
 
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One validation problem: where (``method.options.block_size``) and what."""
+
+    location: str
+    message: str
+
+
+#: Issues a ConfigValidationError message shows (all are in ``.issues``).
+MAX_SHOWN = 20
+
+
+class ConfigValidationError(ConfigError):
+    """A config failed validation; ``issues`` lists every problem, ``source`` the file (or None)."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        where = f"{source}: " if source else ""
+        count = f"{len(issues)} error" + ("s" if len(issues) != 1 else "")
+        lines = [f"invalid qadapt config ({count}):"]
+        lines += [f"  {where}{issue.location or '(top level)'}: {issue.message}" for issue in issues[:MAX_SHOWN]]
+        if len(issues) > MAX_SHOWN:
+            lines.append(f"  ... and {len(issues) - MAX_SHOWN} more (see .issues)")
+        super().__init__("\n".join(lines))
+
+
 class TargetError(QAdaptError, ValueError):
     """Targeting found no module to wrap, or a module that cannot be wrapped."""
 
@@ -135,3 +165,19 @@ def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate closest to ``name`` by spelling, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+def _internal(module: str) -> bool:
+    """Frames of qadapt, its plugin packages and torch's wrappers (``no_grad``), which a warning skips."""
+    return module.startswith(("qadapt", "torch.")) or module in ("torch", "contextlib")
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` at the first frame outside qadapt: the user's own call, however it was reached
+    (``merge`` directly or through ``unwrap``), instead of a hard-coded stack level."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and _internal(frame.f_globals.get("__name__", "")):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

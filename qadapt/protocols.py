@@ -19,6 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from qadapt.errors import ArgumentTypeError, CapabilityError
+
 #: The protocol version this qadapt implements. A plugin declares the version it was written for.
 API_VERSION = 1
 
@@ -122,6 +124,11 @@ class CalibrationStats:
     damp: float = 0.01
 
 
+def _missing(plugin: object, member: str) -> CapabilityError:
+    """The error an optional protocol member raises when a plugin does not implement it."""
+    return CapabilityError(f"{type(plugin).__name__} does not implement {member} (an optional protocol member)")
+
+
 class _Plugin(ABC):  # noqa: B024 (abstract through its two subclasses)
     """What both families share: options, name and protocol version."""
 
@@ -138,7 +145,7 @@ class _Plugin(ABC):  # noqa: B024 (abstract through its two subclasses)
         elif isinstance(options, Mapping):
             options = self.Options.model_validate(dict(options))
         elif not isinstance(options, self.Options):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{type(self).__name__} options must be a {self.Options.__name__} or a dict, "
                 f"got {type(options).__name__}"
             )
@@ -214,7 +221,7 @@ class Backend(_Plugin):
         Only the codes are chosen (nearest). Needs ``capabilities.keep_state``. Returning storage
         whose scale tensors are ``like``'s own objects is allowed (they are never written).
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement requantize_keep_state")
+        raise _missing(self, "requantize_keep_state")
 
     def requantize_calibrated(
         self, weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationStats
@@ -224,17 +231,17 @@ class Backend(_Plugin):
 
         Needs ``capabilities.calibrated``. The result must be in the backend's standard format.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement requantize_calibrated")
+        raise _missing(self, "requantize_calibrated")
 
     def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
         """How ``storage``'s per-group scales cover its weight. Needs ``capabilities.group_scales``."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement group_layout")
+        raise _missing(self, "group_layout")
 
     def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
         """The effective per-group scales, float32 ``[num_groups]``: each group's weights are its codes'
         values times its scale, in the backend's own units (bnb4: the dequantized absmax of each
         block; bnb8: each row's ``SCB``, the codes being ``CB / 127``). Methods use ratios only."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement get_group_scales")
+        raise _missing(self, "get_group_scales")
 
     def with_group_scales(self, storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:
         """New storage with ``storage``'s codes and per-group scales ``scales [num_groups]``.
@@ -243,14 +250,14 @@ class Backend(_Plugin):
         ``scales / get_group_scales(storage)``, up to the format's rounding of scales (e.g. a
         nested, double-quantized state). ``storage`` is not modified.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement with_group_scales")
+        raise _missing(self, "with_group_scales")
 
     def dtype_fixed_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The owned module's parameters and buffers whose dtype is part of the quantized format.
 
         Keys are names as in ``module.named_parameters()`` / ``named_buffers()``. A module-level
         conversion (``.half()``, ``.to(dtype)``, ``.type()``, ..., all through ``nn.Module._apply``)
-        of a :class:`~qadapt.layer.QuantAdapterLinear` moves these between devices but keeps their
+        of a :class:`~qadapt.model.layer.QuantAdapterLinear` moves these between devices but keeps their
         dtype and bits. Default: every parameter and buffer that is not floating point (integer
         codes). A backend that packs codes into a float container (bitsandbytes' ``quant_storage``)
         adds that container here.
@@ -268,12 +275,12 @@ class Backend(_Plugin):
         ``quantization_config`` (None for a float checkpoint). Needs ``capabilities.checkpoint``.
         Like :meth:`owns`, returning None lets another backend read the layer.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement from_checkpoint")
+        raise _missing(self, "from_checkpoint")
 
     def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
         """``storage`` as transformers saves the layer, keys relative to the layer (the inverse of
         :meth:`from_checkpoint`; ``from_pretrained`` of the written model must load it bit for bit)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement to_checkpoint")
+        raise _missing(self, "to_checkpoint")
 
     def checkpoint_config(
         self, storage: QuantizedWeight, base_config: Mapping[str, Any] | None = None
@@ -284,14 +291,14 @@ class Backend(_Plugin):
         ``base_config``: the source checkpoint's ``quantization_config`` when it was already in
         this backend's format; settings the storage does not decide (a compute dtype) are kept.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement checkpoint_config")
+        raise _missing(self, "checkpoint_config")
 
     def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
         """The options (of :attr:`Options`) under which :meth:`quantize` writes ``storage``'s format.
 
         An export keeps a base layer as it is when the target's options agree with these.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement storage_options")
+        raise _missing(self, "storage_options")
 
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""
@@ -306,7 +313,8 @@ class Backend(_Plugin):
         return self.dequantize(self.get_storage(module))
 
 
-#: ``base_forward(x [..., in]) -> [..., out]``: the frozen quantized layer, as handed to a method.
+#: ``base_forward(x [..., in]) -> [..., out]``: any callable base (what a :class:`BaseLayer` is; kept for
+#: plugins that annotate with it).
 BaseForward = Callable[[torch.Tensor], torch.Tensor]
 #: ``merge_rows(weight_rows [r, in] float32, rows: slice) -> merged rows [r, in] float32`` (:meth:`Method.row_merger`).
 RowMerger = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -325,14 +333,14 @@ class BaseLayer:
         self, backend: Backend, module: nn.Module | None = None, storage: QuantizedWeight | None = None
     ) -> None:
         if (module is None) == (storage is None):
-            raise TypeError("BaseLayer takes exactly one of module or storage")
+            raise ArgumentTypeError("BaseLayer takes exactly one of module or storage")
         self.backend = backend
         self.module = module
         self._storage = storage
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.module is None:
-            raise TypeError("this BaseLayer holds bare storage (no module); it has no forward")
+            raise ArgumentTypeError("this BaseLayer holds bare storage (no module); it has no forward")
         return self.backend.forward(self.module, x)
 
     @property
@@ -414,7 +422,7 @@ class Method(_Plugin):
         """A fresh adapter module for one layer; its parameters are the trainable ones."""
 
     @abstractmethod
-    def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseForward) -> torch.Tensor:
+    def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseLayer) -> torch.Tensor:
         """The adapted output ``[..., out]`` for ``x [..., in]``.
 
         ``base_forward`` is a :class:`BaseLayer`: callable on ``x``, and it gives the

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qadapt.errors import ConfigError, InputError
 from qadapt.protocols import GroupLayout
 
 #: Columns per error-feedback block, outer and inner: updates inside a block are rank-1, between
@@ -42,7 +43,7 @@ class Codebook:
     def __init__(self, levels: torch.Tensor) -> None:
         levels = levels.detach().float().reshape(-1)
         if levels.numel() < 2 or not bool(torch.isfinite(levels).all()):
-            raise ValueError(f"a codebook needs at least 2 finite levels, got {levels.tolist()}")
+            raise ConfigError(f"a codebook needs at least 2 finite levels, got {levels.tolist()}")
         self.levels = levels
         order = torch.argsort(levels, stable=True)
         ordered = levels[order]
@@ -127,11 +128,11 @@ def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024)
 
 
 def damped(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """``(H + lam I, lam)`` with ``lam = damp * mean(diag H)``; raises ValueError when H carries nothing."""
+    """``(H + lam I, lam)`` with ``lam = damp * mean(diag H)``; raises InputError when H carries nothing."""
     hessian = hessian.float()
     lam = damp * float(torch.diagonal(hessian).mean())
     if not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"the input statistics H have no positive diagonal (damping {lam}); nothing to calibrate")
+        raise InputError(f"the input statistics H have no positive diagonal (damping {lam}); nothing to calibrate")
     out = hessian.clone()
     out.diagonal().add_(lam)
     return out, lam
@@ -154,7 +155,7 @@ def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
         extra = 10.0 ** (attempt - 4) * float(torch.diagonal(hessian).mean())
         h = hessian.clone()
         h.diagonal().add_(extra)
-    raise ValueError("the damped input statistics H are not positive definite")
+    raise InputError("the damped input statistics H are not positive definite")
 
 
 def gptq_codes(

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import token_ids
 
 import qadapt
-from qadapt import distributed
+from qadapt import registry
+from qadapt.model import distributed
 
 STEPS = 3
 RESUME_AT = 2
@@ -59,7 +60,7 @@ def batch(step: int, rank: int | None) -> torch.Tensor:
 
 def load(path: str, mesh) -> torch.nn.Module:
     # The plugins' registered names come from the registry: load them before unpickling instances.
-    qadapt.registry.method_class("oft"), qadapt.registry.backend_class("bnb4"), qadapt.registry.backend_class("torchao")
+    registry.method_class("oft"), registry.backend_class("bnb4"), registry.backend_class("torchao")
     model = torch.load(path, weights_only=False)
     model.train()
     if mesh is not None:

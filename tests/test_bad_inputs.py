@@ -26,7 +26,6 @@ from tiny_models import perturb_adapters, tiny_llama
 from torch import nn
 
 import qadapt
-from qadapt.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from qadapt.config import ConfigValidationError
 from qadapt.errors import (
     AdapterStateError,
@@ -38,6 +37,7 @@ from qadapt.errors import (
     TargetError,
     UnsafeMergeError,
 )
+from qadapt.persist.adapter import CONFIG_FILE, WEIGHTS_FILE
 from qadapt_bnb.bnb8 import Bnb8Backend
 from qadapt_oft.method import OFTMethod
 
@@ -452,7 +452,7 @@ CATALOGUE: list[Bad] = [
         merged,
         lambda m, _: qadapt.merge(m),
         AdapterStateError,
-        ("cannot merge while an adapter is merged", r"qadapt\.unmerge\(model\) first"),
+        ("cannot merge while adapter 'default' is merged", r"qadapt\.unmerge\(model\) first"),
     ),
     Bad(
         "layer-merge-twice",

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 
 import qadapt
-import qadapt.checkpoint as checkpoint
-from qadapt.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+import qadapt.persist.adapter as checkpoint
 from qadapt.errors import CheckpointError
-from qadapt.wrap import adapter_layers
+from qadapt.model.wrap import adapter_layers
+from qadapt.persist.adapter import CONFIG_FILE, WEIGHTS_FILE
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -258,7 +258,7 @@ def test_names_are_canonical_inside_data_parallel(tmp_path: Path):
 
 
 def test_a_pair_from_two_saves_is_read_once_more_then_refused():
-    from qadapt.checkpoint_files import PairMismatchError, read_pair
+    from qadapt.formats.checkpoint_files import PairMismatchError, read_pair
 
     attempts = []
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import qadapt
 from qadapt import testing
-from qadapt.cli import main
+from qadapt.cli.main import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -16,8 +16,8 @@ import torch
 from concurrent_saver import ADAPTERS, base_model, build
 
 import qadapt
-from qadapt.checkpoint import adapter_tensors, read_adapter
 from qadapt.errors import CheckpointError
+from qadapt.persist.adapter import adapter_tensors, read_adapter
 
 #: Seconds this process loads for, once the writer runs.
 LOAD_SECONDS = 5.0

@@ -14,7 +14,7 @@ from torch import nn
 
 from qadapt import registry, testing
 from qadapt.protocols import PluginOptions, QuantizedWeight
-from qadapt.reference import FloatBackend
+from qadapt.registry.reference import FloatBackend
 
 BUILTIN_METHODS = [name for name in ("oft", "randlora", "lora", "dora") if name in registry.names("methods")]
 LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]

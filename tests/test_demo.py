@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny_llama
 from torch import nn
 
-from qadapt.demo import shifted
+from qadapt.cli.demo import shifted
 
 
 def test_no_shift_is_the_model_itself():

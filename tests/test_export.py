@@ -14,9 +14,9 @@ from tiny_models import perturb_adapters, tiny_llama, token_ids
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
 import qadapt
-from qadapt.cli import main
+from qadapt.cli.main import main
 from qadapt.errors import CheckpointError, ConfigError
-from qadapt.export import REPORT_FILE, export, export_targets
+from qadapt.exporting import REPORT_FILE, export, export_targets
 
 NF4 = BitsAndBytesConfig(
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
@@ -232,7 +232,7 @@ def test_a_base_cut_short_is_named_and_nothing_is_written(bases: dict[str, Path]
 
 
 def test_blocks_that_do_not_fill_the_shape_are_refused(tmp_path: Path):
-    from qadapt.export_io import ShardWriter
+    from qadapt.formats.hf_checkpoint import ShardWriter
 
     writer = ShardWriter(tmp_path, 10**9)
     with pytest.raises(qadapt.CheckpointError, match="its blocks hold 24 bytes, its shape \\[4, 3\\] needs 48"):
@@ -243,7 +243,7 @@ def test_blocks_that_do_not_fill_the_shape_are_refused(tmp_path: Path):
 def test_a_failed_block_write_is_taken_back_and_the_shard_stays_readable(tmp_path: Path):
     from safetensors.torch import load_file
 
-    from qadapt.export_io import ShardWriter
+    from qadapt.formats.hf_checkpoint import ShardWriter
 
     def blocks():
         yield torch.ones(2, 3)

@@ -18,9 +18,9 @@ from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
 
 import qadapt
-import qadapt.checkpoint as checkpoint
-from qadapt.checkpoint import WEIGHTS_FILE
+import qadapt.persist.adapter as checkpoint
 from qadapt.config import ConfigValidationError
+from qadapt.persist.adapter import WEIGHTS_FILE
 from qadapt_bnb import Bnb4Backend
 
 N_LAYERS = 5
@@ -239,3 +239,111 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_readable(tmp_path: P
     assert torch.equal(model_output(loaded, ids), expected)
     values = adapter_values(loaded)
     assert all(torch.equal(values[n], v) for n, v in adapter_values(first).items())
+
+
+# ----------------------------------------------------------- every whole-model operation, half way
+
+
+class FaultInRestore(Bnb4Backend):
+    """The real bnb4 backend, except that its ``FAIL_AT``-th snapshot restore raises."""
+
+    name = "fault_in_restore"
+    calls = 0
+
+    def restore(self, module, snapshot):
+        type(self).calls += 1
+        if type(self).calls == FAIL_AT:
+            raise RuntimeError("restore failed half way")
+        super().restore(module, snapshot)
+
+
+def layer_types(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in model]
+
+
+def test_unwrap_without_merge_failing_half_way_leaves_every_layer_merged_and_wrapped():
+    FaultInRestore.calls = 0
+    model = qadapt.wrap(five_linears(), method=AddDelta(KnownOptions()), backend=FaultInRestore())
+    perturb_adapters(model)
+    qadapt.merge(model)
+    before, types = state(model), layer_types(model)
+    with pytest.raises(RuntimeError, match="restore failed half way"):
+        qadapt.unwrap(model, merge=False)
+    assert layer_types(model) == types == ["QuantAdapterLinear"] * N_LAYERS
+    assert state(model) == before  # every layer still merged, storage bit for bit
+    qadapt.unmerge(model)  # and the snapshots still work
+    assert not any(m.merged for m in model)
+
+
+@pytest.mark.parametrize("merge", [True, "float"])
+def test_unwrap_with_a_merge_failing_half_way_leaves_the_model_wrapped_as_it_was(merge):
+    model = qadapt.wrap(five_linears(), method=FaultInMerge(KnownOptions()), backend="bnb4")
+    perturb_adapters(model)
+    before, types = state(model), layer_types(model)
+    with pytest.raises(RuntimeError, match="plugin bug in merge_weight"):
+        qadapt.unwrap(model, merge=merge)
+    assert layer_types(model) == types
+    assert state(model) == before
+    assert not hasattr(model, "qadapt_merge_report")
+
+
+class FaultInCreate(AddDelta):
+    """Creates adapters until the ``FAIL_AT``-th layer."""
+
+    name = "fault_in_create"
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.calls = 0
+
+    def create_adapter(self, in_features, out_features, shared):
+        self.calls += 1
+        if self.calls == FAIL_AT:
+            raise RuntimeError("plugin bug in create_adapter")
+        return super().create_adapter(in_features, out_features, shared)
+
+
+def test_add_adapter_failing_half_way_leaves_the_adapters_as_they_were():
+    model = qadapt.wrap(five_linears(), method=AddDelta(KnownOptions()), backend="bnb8")
+    qadapt.set_adapter(model, "default")
+    grads = [p.requires_grad for p in model.parameters()]
+    before = state(model)
+    with pytest.raises(RuntimeError, match="plugin bug in create_adapter"):
+        qadapt.add_adapter(model, "second", FaultInCreate(KnownOptions()))
+    assert qadapt.list_adapters(model) == ["default"]
+    assert all(m.active_adapter == "default" for m in model)
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert state(model) == before
+
+
+def test_load_adapter_that_does_not_fit_takes_back_the_adapter_it_added(tmp_path: Path):
+    source = qadapt.wrap(five_linears(), method="lora", backend="bnb8")
+    qadapt.save_adapter(source, tmp_path / "ckpt")
+    # Same layer names, but layer 3 is narrower: the adapter is added to every layer, then the fit
+    # check refuses layer 3's shape, and what was added must go again.
+    torch.manual_seed(1)
+    other = nn.Sequential(*[nn.Linear(32, 16 if i == FAIL_AT else 32) for i in range(N_LAYERS)])
+    model = qadapt.wrap(other, method="lora", backend="bnb8", adapter_name="mine")
+    grads = [p.requires_grad for p in model.parameters()]
+    before = state(model)
+    with pytest.raises(qadapt.CheckpointError, match="does not fit"):
+        qadapt.load_adapter(model, tmp_path / "ckpt")
+    assert qadapt.list_adapters(model) == ["mine"]
+    assert all(m.active_adapter == "mine" for m in model)
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert state(model) == before
+
+
+def test_a_failed_undo_step_does_not_stop_the_rest():
+    from qadapt.model.transaction import transaction
+
+    model = five_linears()
+    ran = []
+    with pytest.raises(RuntimeError, match="first undo"):
+        with transaction(model) as tx:
+            tx.on_undo(lambda: ran.append("older"))
+            tx.on_undo(lambda: (_ for _ in ()).throw(RuntimeError("first undo")))
+            tx.replace("0", nn.Identity())
+            raise KeyError("the operation")
+    assert ran == ["older"]
+    assert isinstance(model[0], nn.Linear)

@@ -9,7 +9,7 @@ from methods_for_tests import AddDelta, MixInput
 
 from qadapt import AdapterStateError, QuantAdapterLinear, TargetError, UnsafeMergeError
 from qadapt.errors import CapabilityError, ConfigError
-from qadapt.reference import float_base_layer
+from qadapt.registry.reference import float_base_layer
 from qadapt_lora import DoraMethod, LoraMethod
 
 #: Non-zero from the start (init_weights=False): a LoRA / DoRA update of a few percent of the weight.
@@ -207,7 +207,7 @@ def test_non_linear_and_double_wrap_are_refused():
 
 def test_backend_without_requantize_keeps_adapter_unmerged_and_says_why():
     from qadapt.protocols import BackendCapabilities
-    from qadapt.reference import FloatBackend
+    from qadapt.registry.reference import FloatBackend
 
     class ForwardOnly(FloatBackend):
         name = "forward_only"

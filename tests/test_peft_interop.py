@@ -15,7 +15,7 @@ from torch import nn
 
 import qadapt
 from qadapt.errors import CheckpointError
-from qadapt.wrap import adapter_layers
+from qadapt.model.wrap import adapter_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 METHODS = [

@@ -26,7 +26,7 @@ from torch import nn
 
 import qadapt
 from qadapt.protocols import QuantizedWeight
-from qadapt.reference import float_base_layer
+from qadapt.registry.reference import float_base_layer
 
 SETTINGS = settings(
     max_examples=200,

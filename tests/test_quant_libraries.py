@@ -14,7 +14,7 @@ from torch import nn
 import qadapt
 from qadapt import registry
 from qadapt.errors import ConfigError, MissingDependencyError, PluginLoadError
-from qadapt.reference import FloatBackend
+from qadapt.registry.reference import FloatBackend
 
 torchao_quant = pytest.importorskip("torchao.quantization")
 hqq_quantize = pytest.importorskip("hqq.core.quantize")

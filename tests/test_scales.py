@@ -12,7 +12,7 @@ from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 import qadapt
 from qadapt import testing
 from qadapt.errors import CapabilityError
-from qadapt.layer import QuantAdapterLinear
+from qadapt.model.layer import QuantAdapterLinear
 
 BACKENDS = [
     pytest.param("bnb4", {"compress_statistics": True}, id="bnb4-nested"),

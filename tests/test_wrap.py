@@ -331,7 +331,7 @@ def test_auto_skips_a_backend_whose_options_have_no_valid_defaults(make_distribu
             "needs_opts": """
             from pydantic import Field
             from qadapt.protocols import PluginOptions
-            from qadapt.reference import FloatBackend
+            from qadapt.registry.reference import FloatBackend
 
             class Required(PluginOptions):
                 bits: int = Field(description="no default")

@@ -1,6 +1,6 @@
 """qadapt's optional interop hooks for ``lora`` and ``dora``: the PEFT 0.21.2 ``LORA`` adapter format.
 
-Found by convention (``<method package>.interop``) by ``qadapt.peft_interop``. Both methods share
+Found by convention (``<method package>.interop``) by ``qadapt.persist.peft``. Both methods share
 PEFT's ``peft_type`` ``"LORA"``; :func:`accepts_peft` sends ``use_dora=True`` configs to ``dora``
 and the others to ``lora``.
 """

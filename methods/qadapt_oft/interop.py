@@ -1,6 +1,6 @@
 """qadapt's optional interop hooks for ``oft``: the PEFT 0.21.2 adapter format.
 
-Found by convention (``<method package>.interop``) by ``qadapt.peft_interop``; nothing here is
+Found by convention (``<method package>.interop``) by ``qadapt.persist.peft``; nothing here is
 imported by ``import qadapt_oft``. Tensors are the same in both formats (see the package
 docstring): qadapt's ``weight [n_blocks or 1, b(b-1)/2]`` is PEFT's ``oft_R.weight``.
 """

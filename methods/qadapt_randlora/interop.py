@@ -1,8 +1,8 @@
 """qadapt's optional interop hooks for ``randlora``: checkpoint state of the shared bases, and the
 PEFT 0.21.2 adapter format.
 
-Found by convention (``<method package>.interop``) by ``qadapt.checkpoint`` and
-``qadapt.peft_interop``; nothing here is imported by ``import qadapt_randlora``.
+Found by convention (``<method package>.interop``) by ``qadapt.persist.adapter`` and
+``qadapt.persist.peft``; nothing here is imported by ``import qadapt_randlora``.
 """
 
 from __future__ import annotations

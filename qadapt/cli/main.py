@@ -1,0 +1,191 @@
+"""The ``qadapt`` command: ``plugins``, ``validate``, ``schema``, ``demo`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from qadapt import registry
+from qadapt.cli.tables import format_table
+from qadapt.errors import QAdaptError
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    listing = registry.plugins()
+    rows = [(p.family[:-1], p.name, p.distribution, p.version, p.status) for p in listing]
+    print(format_table(("family", "name", "distribution", "version", "status"), rows))
+    return 0 if all(p.ok for p in listing) else 1
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from qadapt.config import load_config
+
+    try:
+        config = load_config(args.file)
+    except (QAdaptError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok (method {config.method.name}, backend {config.backend.name})")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from qadapt.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qadapt.cli.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        method=args.method,
+        backend=args.backend,
+        steps=args.steps,
+        model_dir=args.model,
+        out_dir=args.out,
+        seed=args.seed,
+        teacher_shift=args.teacher_shift,
+        method_options=dict(args.method_option),
+    )
+    run_demo(settings)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from qadapt.exporting import REPORT_FILE, export
+
+    report = export(
+        args.base,
+        args.adapter,
+        args.out,
+        to=args.to,
+        max_memory=args.max_memory,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        backend_options=dict(args.backend_option) or None,
+        requantize=args.requantize,
+        progress=not args.no_progress,
+    )
+    rows = [
+        (
+            name,
+            r.path,
+            f"{r.error:.3g}",
+            "-" if r.delta_retained is None else f"{r.delta_retained:.3g}",
+            "yes" if r.reverted else "",
+        )
+        for name, r in report.layers.items()
+    ]
+    if args.verbose:
+        print(format_table(("layer", "path", "rel. error", "change retained", "kept unmerged"), rows))
+    print(report)
+    print(f"per-layer figures: {args.out}/{REPORT_FILE}")
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qadapt", description="Adapters on quantized PyTorch layers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("plugins", help="list installed methods and backends with their status").set_defaults(
+        run=_cmd_plugins
+    )
+
+    validate = commands.add_parser("validate", help="validate a config file (.yaml, .toml, .json)")
+    validate.add_argument("file")
+    validate.set_defaults(run=_cmd_validate)
+
+    commands.add_parser("schema", help="print the JSON Schema of config files").set_defaults(run=_cmd_schema)
+
+    demo = commands.add_parser("demo", help="quantize a small transformer, train an adapter to close the gap, merge")
+    demo.add_argument("--method", default="oft", help="method plugin (default: oft)")
+    demo.add_argument("--backend", default="bnb4", help="backend plugin (default: bnb4)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    demo.add_argument("--model", default=None, help="a local Hugging Face model folder instead of the built-in one")
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--teacher-shift",
+        type=float,
+        default=0.0,
+        help="distil towards the float model plus a rank-4 change of this relative size per layer "
+        "(a stand-in fine-tune); 0 (default) recovers the quantization gap",
+    )
+    demo.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a method option, e.g. block_size=16 (repeatable; the value is read as YAML)",
+    )
+    demo.set_defaults(run=_cmd_demo)
+
+    exp = commands.add_parser(
+        "export",
+        help="merge an adapter into a model on disk and write it, layer by layer, within a memory cap",
+        description="Stream BASE (a transformers safetensors model directory, float or bitsandbytes-quantized) "
+        "and ADAPTER (a qadapt checkpoint or PEFT adapter directory) into OUT, a directory that "
+        "AutoModelForCausalLM.from_pretrained(OUT) loads with no extra argument.",
+    )
+    exp.add_argument("base", help="transformers model directory (model.safetensors or a sharded index)")
+    exp.add_argument("adapter", help="qadapt checkpoint directory or PEFT adapter directory")
+    exp.add_argument("out", help="output directory (written beside, then renamed into place)")
+    exp.add_argument(
+        "--to",
+        required=True,
+        help="float32, bf16, fp16, or a target an installed backend declares (nf4, fp4, int8 with bitsandbytes); "
+        "an unknown name lists them",
+    )
+    exp.add_argument(
+        "--max-memory",
+        default=None,
+        help="working-memory cap, e.g. 2GiB (default: 8 float32 copies "
+        "of the largest tensor, at least 256 MiB); checked for every layer before writing",
+    )
+    exp.add_argument("--max-shard-size", default="50GB", help="tensor bytes per output shard (default: 50GB)")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    exp.add_argument(
+        "--requantize",
+        choices=("keep", "fresh", "calibrated"),
+        default=None,
+        help="how merged quantized layers are requantized (default: the merge's default)",
+    )
+    exp.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="an option of the target's backend, e.g. blocksize=128 (repeatable; the value is read as YAML)",
+    )
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp.add_argument("-v", "--verbose", action="store_true", help="print every layer's merge figures")
+    exp.set_defaults(run=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except QAdaptError as exc:
+        print(f"qadapt: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

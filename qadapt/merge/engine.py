@@ -1,0 +1,230 @@
+"""One layer's merge and inverse unmerge on bare storage: the protocol every merge path runs.
+
+``merge_storage`` takes a backend's :class:`QuantizedWeight`, an adapter and its method, and
+returns the new storage plus a :class:`MergeResult`. Nothing here touches a module, so the same
+code merges a live layer, a whole model and a checkpoint's tensors.
+
+The path per layer:
+
+1. the method may merge straight into the storage (``Method.merge_storage``: exact, e.g. scales);
+2. otherwise dequantize to float32, ``W' = method.merge_weight(W)``, check it is finite, and
+   requantize: ``"keep"`` (the layer's scales kept bit for bit, codes chosen; the default where the
+   backend can; a fresh requantize is tried too and kept when it lands closer, as it does for
+   changes that leave a block's range), ``"calibrated"`` (codes and scales chosen against the layer's
+   input statistics), or ``"fresh"`` (the backend's plain quantizer: new scales, what bitsandbytes
+   and PEFT do);
+3. a guard: if the merged layer is farther from the adapted layer than the unmerged base was
+   (in the output metric ``H`` when calibration is given, else in weight space), the old storage
+   is kept: a merge is never worse than no adapter.
+
+``convert_weight`` is the same merge into another format (a float dtype or another backend's
+quantizer), with the same guard; ``unmerge_storage`` the inverse unmerge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from qadapt.errors import CapabilityError, ConfigError
+from qadapt.merge.figures import check_finite, kept_share, output_sq_error, weight_figures
+from qadapt.merge.result import REQUANTIZE_MODES, MergePath, MergeResult, RequantizeMode
+from qadapt.merge.scales import tune_group_scales
+from qadapt.protocols import Backend, CalibrationStats, Method, QuantizedWeight
+
+T = TypeVar("T")
+
+_CANNOT_REQUANTIZE = (
+    "backend {name!r} cannot requantize, so adapters stay unmerged on it "
+    "(its forward is kept with the adapter applied on top)"
+)
+
+
+def check_requantize_mode(mode: object) -> None:
+    """Raise :class:`ConfigError` for an unknown requantize mode."""
+    if mode not in REQUANTIZE_MODES:
+        raise ConfigError(f"requantize must be one of {', '.join(map(repr, REQUANTIZE_MODES))}, got {mode!r}")
+
+
+def resolve_mode(backend: Backend, mode: RequantizeMode, stats: CalibrationStats | None) -> str:
+    """The requantize path a backend actually runs for ``mode`` (keep/calibrated fall back to fresh)."""
+    caps = backend.capabilities
+    if mode == "calibrated":
+        if stats is None:
+            raise ConfigError("requantize='calibrated' needs calibration data: merge(model, calibration=batches)")
+        if caps.calibrated:
+            return "calibrated"
+        mode = "keep"
+    if mode == "keep" and caps.keep_state:
+        return "keep"
+    return "fresh"
+
+
+def requantize(
+    backend: Backend, weight: torch.Tensor, like: QuantizedWeight, path: str, stats: CalibrationStats | None
+) -> QuantizedWeight:
+    """Write float ``weight [out, in]`` into ``like``'s format along ``path`` (see :func:`resolve_mode`)."""
+    if not backend.capabilities.requantize:
+        raise CapabilityError(_CANNOT_REQUANTIZE.format(name=backend.name))
+    if path == "calibrated":
+        assert stats is not None
+        return backend.requantize_calibrated(weight, like, stats)
+    if path == "keep":
+        return backend.requantize_keep_state(weight, like)
+    return backend.requantize(weight, like=like)
+
+
+def float_merged_weight(
+    backend: Backend, method: Method, adapter: nn.Module, storage: QuantizedWeight
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, W')``: the dequantized weight and the exact float merged weight, float32 ``[out, in]``."""
+    weight = backend.dequantize(storage).float()
+    merged = method.merge_weight(adapter, weight).float()
+    return weight, merged
+
+
+@torch.no_grad()
+def merge_storage(
+    backend: Backend,
+    method: Method,
+    adapter: nn.Module,
+    storage: QuantizedWeight,
+    *,
+    name: str = "default",
+    requantize_mode: RequantizeMode = "keep",
+    stats: CalibrationStats | None = None,
+    heldout: torch.Tensor | None = None,
+    safe: bool = True,
+    guard: bool = True,
+    tune_steps: int = 0,
+) -> tuple[QuantizedWeight, MergeResult]:
+    """Merge ``adapter`` into ``storage``; returns the new storage (``storage`` itself when reverted).
+
+    ``stats``: the layer's fit statistics (needed for ``"calibrated"`` and ``tune_steps``; also the
+    guard's metric). ``heldout``: ``H`` of held-out calibration rows ``[in, in]``, for the reported
+    ``kept``. ``tune_steps``: refit the requantized layer's group scales (see
+    :func:`tune_group_scales`; needs ``stats`` and a backend with group scales).
+    """
+    check_requantize_mode(requantize_mode)
+    weight, merged = float_merged_weight(backend, method, adapter, storage)
+    if safe:
+        check_finite(merged, f"merging adapter {name!r}")
+    new = method.merge_storage(adapter, backend, storage)
+    path = "storage"
+    stored: torch.Tensor | None = None
+    if new is None:
+        path = resolve_mode(backend, requantize_mode, stats)
+        new = requantize(backend, merged, storage, path, stats)
+        if path == "keep":
+            # Kept scales win for the small moves trained adapters make (a fresh quantizer rescales
+            # whole blocks); a change that leaves a block's range is clipped by them, where new
+            # scales follow it. Both candidates are cheap: keep the closer one in the fit metric.
+            fit = None if stats is None else stats.hessian
+            fresh = requantize(backend, merged, storage, "fresh", stats)
+            stored, fresh_stored = backend.dequantize(new).float(), backend.dequantize(fresh).float()
+            if output_sq_error(fresh_stored - merged, fit) < output_sq_error(stored - merged, fit):
+                new, path, stored = fresh, "fresh", fresh_stored
+    tuned = None
+    if tune_steps > 0 and stats is not None and path != "storage":
+        tuned = tune_group_scales(backend, new, merged, stats.hessian, tune_steps)
+        new = tuned if tuned is not None else new
+    if stored is None or tuned is not None:
+        stored = backend.dequantize(new).float()
+    if safe:
+        check_finite(stored, f"merging adapter {name!r} (as stored)")
+
+    # (base, stored) squared output distances to W' per metric H: each is an [out, in] @ [in, in]
+    # product, so the guard and the reported figure share them.
+    distances: dict[int, tuple[float, float]] = {}
+
+    def distance(hessian: torch.Tensor | None) -> tuple[float, float]:
+        if id(hessian) not in distances:
+            distances[id(hessian)] = (
+                output_sq_error(weight - merged, hessian),
+                output_sq_error(stored - merged, hessian),
+            )
+        return distances[id(hessian)]
+
+    reverted = False
+    if guard and path != "storage":
+        # Kept only if no worse than the unmerged base on the fit rows and on the held-out rows the
+        # report measures: the choice is binary (old codes or new), so judging it on held-out rows
+        # cannot overfit, and a reported figure is then never below 0.
+        metrics = [None] if stats is None else [stats.hessian] + ([] if heldout is None else [heldout])
+        if any(merged_sq > base_sq for base_sq, merged_sq in map(distance, metrics)):
+            new, stored, reverted = storage, weight, True
+    error, retained = weight_figures(weight, merged, stored)
+    base_sq, merged_sq = distance(heldout)
+    kept = kept_share(base_sq, base_sq if reverted else merged_sq)
+    result = MergeResult(
+        adapter=name,
+        error=error,
+        delta_retained=retained,
+        kept=kept,
+        metric="output" if heldout is not None else "weight",
+        path=path,
+        reverted=reverted,
+        tuned=tuned is not None and not reverted,
+    )
+    return new, result
+
+
+@torch.no_grad()
+def unmerge_storage(
+    backend: Backend, method: Method, adapter: nn.Module, storage: QuantizedWeight, *, name: str, safe: bool = True
+) -> QuantizedWeight:
+    """The inverse unmerge: ``requantize(method.unmerge_weight(dequantize(storage)))`` in ``storage``'s format.
+
+    The result carries the quantization error of two round trips (an exact unmerge restores a snapshot).
+    """
+    if not backend.capabilities.requantize:
+        raise CapabilityError(_CANNOT_REQUANTIZE.format(name=backend.name))
+    weight = backend.dequantize(storage).float()
+    restored = method.unmerge_weight(adapter, weight).float()
+    if safe:
+        check_finite(restored, f"unmerging adapter {name!r}")
+    return backend.requantize(restored, like=storage)
+
+
+@torch.no_grad()
+def convert_weight(
+    weight: torch.Tensor,
+    merged: torch.Tensor,
+    write: Callable[[torch.Tensor], T],
+    read: Callable[[T], torch.Tensor],
+    *,
+    name: str,
+    path: MergePath,
+    what: str | None = None,
+    safe: bool = True,
+    guard: bool = True,
+) -> tuple[T, MergeResult]:
+    """Write the float merged weight ``merged [out, in]`` into another format; returns ``(written, result)``.
+
+    ``write`` turns a float weight into the target format (a dtype cast, another backend's
+    quantizer) and ``read`` back into float. With ``guard``, ``weight`` (the unmerged base) is
+    written the same way too, and kept instead (``result.reverted``) when it lands closer to
+    ``merged``: converting is never worse than converting without the adapter (one more ``write``).
+    ``name``: the adapter, ``what``: how the finite checks describe the merge.
+    """
+    what = what or f"merging adapter {name!r}"
+    if safe:
+        check_finite(merged, what)
+    new = write(merged)
+    stored = read(new).float()
+    if safe:
+        check_finite(stored, f"{what} (as stored)")
+    base_sq = output_sq_error(weight - merged, None)
+    merged_sq = output_sq_error(stored - merged, None)
+    reverted = False
+    if guard:
+        base_new = write(weight)
+        base_stored = read(base_new).float()
+        base_written_sq = output_sq_error(base_stored - merged, None)
+        if base_written_sq < merged_sq:
+            new, stored, merged_sq, reverted = base_new, base_stored, base_written_sq, True
+    error, retained = weight_figures(weight, merged, stored)
+    return new, MergeResult(name, error, retained, kept_share(base_sq, merged_sq), "weight", path, reverted)
