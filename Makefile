@@ -5,6 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qadapt-installed
+DEMO_STAMP := $(VENV)/.qadapt-demo-installed
 PLUGIN_DIST := tests/plugins/qadapt_tinyplugin
 EXAMPLE_DIST := examples/qadapt_int8sym
 
@@ -12,17 +13,25 @@ EXAMPLE_DIST := examples/qadapt_int8sym
 
 LOCAL_DISTS_FILES := $(shell find $(PLUGIN_DIST) $(EXAMPLE_DIST) -name '*.py' -o -name pyproject.toml)
 
-$(STAMP): pyproject.toml $(LOCAL_DISTS_FILES)
+# The demo's environment holds what the demo needs; the test environment adds the test tools, the
+# numerics references (PEFT, pinned) and the test plugins, which would otherwise show in `qadapt plugins`.
+$(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	# hqq builds from an sdist whose setup.py tries to compile CUDA kernels unless told not to.
+	DISABLE_CUDA=1 $(BIN)/python -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml $(LOCAL_DISTS_FILES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	DISABLE_CUDA=1 $(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall ./$(PLUGIN_DIST) ./$(EXAMPLE_DIST)
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/qadapt demo
 
 test: $(STAMP)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from qadapt import registry
-from qadapt.merge.engine import output_sq_error
+from qadapt.merging.engine import output_sq_error
 from qadapt.protocols import CalibrationStats
 
 

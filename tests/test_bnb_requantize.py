@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import float_linear
 
 from qadapt import registry, rounding
-from qadapt.merge.engine import output_sq_error
+from qadapt.merging.engine import output_sq_error
 from qadapt.protocols import CalibrationStats, QuantizedWeight
 from qadapt_bnb import bnb4_codes
 

@@ -125,7 +125,8 @@ def test_missing_and_foreign_directories(tmp_path: Path):
     with pytest.raises(CheckpointError, match=r"qadapt_adapter.safetensors is missing"):
         qadapt.load_adapter(tiny_llama(), tmp_path)
     (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=r"looks like a PEFT adapter: use qadapt.load_peft_adapter"):
+    # A PEFT directory goes to the PEFT reader (load_adapter takes both), which names the missing file.
+    with pytest.raises(CheckpointError, match=r"not a PEFT adapter directory: .*adapter_model.safetensors is missing"):
         qadapt.load_adapter(tiny_llama(), tmp_path)
     (tmp_path / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):

@@ -127,3 +127,21 @@ def test_entry_point_script_is_installed():
     assert script.exists()
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def test_help_and_version_import_nothing_heavy():
+    # Start-up is asserted as imports, not seconds: --help and --version load neither torch nor the plugins.
+    code = (
+        "import sys\n"
+        "from qadapt.cli import main\n"
+        "for argv in (['--version'], ['--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, exc.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'stevedore', 'pydantic', 'safetensors') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "qadapt 0.1.0" in result.stdout and "usage: qadapt" in result.stdout

@@ -26,6 +26,13 @@ def test_page_code_runs(page, tmp_path):
     assert "merged" in result.stdout and "layers wrapped" in result.stdout
 
 
+def test_the_coming_from_peft_page_runs(tmp_path):
+    code = python_blocks(ROOT / "docs/peft.md")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params:" in result.stdout and "torch.bfloat16" in result.stdout
+
+
 def test_options_reference_is_current():
     sys.path.insert(0, str(ROOT / "docs"))
     try:

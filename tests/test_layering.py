@@ -19,14 +19,16 @@ ALLOWED: dict[str, set[str]] = {
     "rounding": {"errors", "protocols"},
     "registry": BASE | {"protocols"},
     "config": BASE | {"protocols", "registry"},
-    "merge": BASE | {"protocols"},
+    "merging": BASE | {"protocols"},
     "formats": BASE | {"protocols", "registry", "config"},
-    "model": BASE | {"protocols", "rounding", "registry", "config", "merge"},
-    "persist": BASE | {"protocols", "registry", "config", "merge", "model", "formats"},
-    "exporting": BASE | {"protocols", "rounding", "registry", "config", "merge", "formats"},
-    "testing": BASE | {"protocols", "rounding", "registry", "config", "merge", "model", "formats", "persist"},
-    "cli": BASE | {"protocols", "rounding", "registry", "config", "merge", "model", "formats", "persist", "exporting",
-                   "testing", "__init__"},
+    "model": BASE | {"protocols", "rounding", "registry", "config", "merging"},
+    "persist": BASE | {"protocols", "registry", "config", "merging", "model", "formats"},
+    "exporting": BASE | {"protocols", "rounding", "registry", "config", "merging", "formats"},
+    "testing": BASE | {"protocols", "rounding", "registry", "config", "merging", "model", "formats", "persist"},
+    "hf": BASE | {"protocols", "registry", "config", "merging", "model", "formats", "persist"},
+    "cli": BASE
+    | {"protocols", "rounding", "registry", "config", "merging", "model", "formats", "persist", "exporting", "hf"}
+    | {"testing", "__init__"},
     "__init__": None,  # the package's face imports what it re-exports
 }
 
@@ -109,5 +111,20 @@ def test_the_layering_test_sees_an_arrow_up_and_a_plugin_import(tmp_path: Path) 
         "from qadapt.model.layer import QuantAdapterLinear\nimport qadapt_bnb\nfrom qadapt.errors import QAdaptError\n",
         encoding="utf-8",
     )
-    found = _violations("merge", sample)
+    found = _violations("merging", sample)
     assert len(found) == 2 and "may not import qadapt.model.layer" in found[0] and "qadapt_bnb" in found[1]
+
+
+def test_no_subpackage_shadows_a_public_name():
+    # A subpackage named like a public function (qadapt.export, qadapt.merge, qadapt.plugins) replaces the
+    # function as an attribute of qadapt as soon as anything imports it.
+    import importlib
+    import types
+
+    import qadapt
+
+    for path in SOURCES:
+        if path.name != "__main__.py":  # running it is the command line
+            importlib.import_module(_module_name(path))
+    shadowed = [name for name in qadapt.__all__ if isinstance(getattr(qadapt, name), types.ModuleType)]
+    assert shadowed == []

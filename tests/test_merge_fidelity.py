@@ -17,7 +17,7 @@ from torch import nn
 
 import qadapt
 from qadapt import AdapterStateError, ArgumentTypeError, ConfigError, UnsafeMergeError
-from qadapt.merge.engine import kept_share, output_sq_error, weight_figures
+from qadapt.merging.engine import kept_share, output_sq_error, weight_figures
 
 OFT = {"block_size": 16}
 

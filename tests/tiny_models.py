@@ -61,3 +61,14 @@ def perturb_adapters(model: nn.Module, scale: float = 0.05, seed: int = 3) -> No
     for param in model.parameters():
         if param.requires_grad:
             param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over :data:`VOCAB` words ``w2 .. w127`` (``<pad>`` 0, ``<eos>`` 1), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")

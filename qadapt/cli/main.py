@@ -7,12 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from qadapt import registry
 from qadapt.cli.tables import format_table
 from qadapt.errors import QAdaptError
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    from qadapt import registry  # imported per command, so --help and --version start at once
+
     listing = registry.plugins()
     rows = [(p.family[:-1], p.name, p.distribution, p.version, p.status) for p in listing]
     print(format_table(("family", "name", "distribution", "version", "status"), rows))
@@ -97,7 +98,10 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qadapt.version import __version__
+
     parser = argparse.ArgumentParser(prog="qadapt", description="Adapters on quantized PyTorch layers.")
+    parser.add_argument("--version", action="version", version=f"qadapt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("plugins", help="list installed methods and backends with their status").set_defaults(

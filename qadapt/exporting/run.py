@@ -2,7 +2,7 @@
 
 Nothing builds the model. The base's safetensors headers are read first (:mod:`.plan`); every
 layer is then read on its own, merged with the same engine as the in-memory merge
-(:mod:`qadapt.merge`), written into the current output shard, and dropped. Tensors that do not
+(:mod:`qadapt.merging`), written into the current output shard, and dropped. Tensors that do not
 change are copied (or cast) in chunks, never whole.
 
 Backends do all format work through the optional checkpoint members of the protocol
@@ -33,10 +33,10 @@ from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
 from qadapt.exporting.plan import Plan, Step, make_plan, mib, read_storage
 from qadapt.exporting.targets import resolve_target
 from qadapt.formats.hf_checkpoint import ShardWriter, parse_size, read_tensors
-from qadapt.merge.engine import check_requantize_mode, convert_weight, float_merged_weight, merge_storage
-from qadapt.merge.figures import FigureSums, check_finite, weight_figures
-from qadapt.merge.result import LayerFigures, MergeResult
-from qadapt.merge.rows import merge_rows_in_blocks
+from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merge_storage
+from qadapt.merging.figures import FigureSums, check_finite, weight_figures
+from qadapt.merging.result import LayerFigures, MergeResult
+from qadapt.merging.rows import merge_rows_in_blocks
 from qadapt.protocols import Backend, QuantizedWeight
 from qadapt.registry.reference import FloatBackend
 

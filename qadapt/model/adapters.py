@@ -15,7 +15,7 @@ from torch import nn
 from qadapt import registry
 from qadapt.config import check_adapter_name, validate_plugin_options
 from qadapt.errors import AdapterStateError, ConfigError, TargetError, shorten
-from qadapt.model.layers import list_adapters, refuse_merged, require_adapter, shared_state, wrapped_layers
+from qadapt.model.layers import Layers, list_adapters, refuse_merged, require_adapter, shared_state, wrapped_layers
 from qadapt.model.targeting import Targets, canonical_names, name_filter
 from qadapt.model.transaction import transaction
 from qadapt.protocols import Method
@@ -112,6 +112,26 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
         layer.enable_adapters(enabled)
 
 
-def disable_adapters(model: nn.Module) -> None:
-    """Same as ``enable_adapters(model, False)``."""
+class AdaptersDisabled:
+    """What :func:`disable_adapters` returns: use it as a context manager to get each layer's previous
+    on/off state back on exit (exceptions included); a plain call just leaves the adapters off."""
+
+    def __init__(self, layers: Layers, previous: list[bool]) -> None:
+        self._layers = layers
+        self._previous = previous
+
+    def __enter__(self) -> AdaptersDisabled:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for (_, layer), enabled in zip(self._layers, self._previous, strict=True):
+            layer.enable_adapters(enabled)
+
+
+def disable_adapters(model: nn.Module) -> AdaptersDisabled:
+    """Same as ``enable_adapters(model, False)``; ``with qadapt.disable_adapters(model): ...`` turns them
+    back on (as each layer was) when the block ends."""
+    layers = wrapped_layers(model)
+    previous = [layer.adapters_enabled for _, layer in layers]
     enable_adapters(model, False)
+    return AdaptersDisabled(layers, previous)

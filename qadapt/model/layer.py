@@ -25,8 +25,8 @@ from qadapt.errors import (
     TargetError,
     shorten,
 )
-from qadapt.merge.engine import merge_storage, unmerge_storage
-from qadapt.merge.result import MergeResult, RequantizeMode
+from qadapt.merging.engine import merge_storage, unmerge_storage
+from qadapt.merging.result import MergeResult, RequantizeMode
 from qadapt.model import distributed
 from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, QuantizedWeight
 
@@ -341,7 +341,7 @@ class QuantAdapterLinear(nn.Module):
         heldout: torch.Tensor | None = None,
         tune_steps: int = 0,
     ) -> MergeResult:
-        """Fold an adapter into the quantized weight (see :func:`qadapt.merge.engine.merge_storage`).
+        """Fold an adapter into the quantized weight (see :func:`qadapt.merging.engine.merge_storage`).
 
         Dequantizes to float32, applies the method to the weight, checks the result is finite
         (``safe``), requantizes (``requantize``: ``"keep"`` the layer's scales where the backend can,

@@ -41,7 +41,7 @@ def canonical_adapter_layers(model: nn.Module) -> Layers:
     return [(names[name], layer) for name, layer in adapter_layers(model)]
 
 
-def _innermost(model: nn.Module) -> nn.Module:
+def innermost(model: nn.Module) -> nn.Module:
     """The module that torch wrappers around ``model`` (compile, DDP, FSDP) hold, or ``model``."""
     while True:
         parallel = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
@@ -57,7 +57,7 @@ def shared_state(model: nn.Module) -> dict[str, nn.Module]:
 
     Kept on the innermost wrapped module, so a ``torch.compile``d model and the model it wraps share it.
     """
-    return _innermost(model).__dict__.setdefault(SHARED_ATTR, {})
+    return innermost(model).__dict__.setdefault(SHARED_ATTR, {})
 
 
 def wrapped_layers(model: nn.Module) -> Layers:

@@ -22,9 +22,10 @@ from torch import nn
 
 from qadapt import registry
 from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, shorten, warn
-from qadapt.merge.engine import check_requantize_mode, convert_weight, float_merged_weight
-from qadapt.merge.figures import kept_share
-from qadapt.merge.result import LayerFigures, MergeResult, RequantizeMode
+from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight
+from qadapt.merging.figures import kept_share
+from qadapt.merging.result import LayerFigures, MergeResult, RequantizeMode
+from qadapt.model import integrations
 from qadapt.model.calibration import (
     MIN_ROWS_PER_FEATURE,
     LayerStats,
@@ -367,7 +368,7 @@ def _convert(
     layers: Layers, target: Backend | None, dtype: torch.dtype, safe: bool
 ) -> tuple[dict[str, nn.Module], dict[str, MergeResult]]:
     """Build each layer's replacement: a float ``nn.Linear`` (``target`` None) or ``target``'s module,
-    through the engine's guarded conversion (:func:`~qadapt.merge.engine.convert_weight`)."""
+    through the engine's guarded conversion (:func:`~qadapt.merging.engine.convert_weight`)."""
     modules: dict[str, nn.Module] = {}
     results: dict[str, MergeResult] = {}
     for name, layer in progress(layers, "qadapt unwrap"):
@@ -464,7 +465,9 @@ def unwrap(
             replacements = {name: layer.base for name, layer in layers}
         for name, _ in layers:
             tx.replace(name, replacements[name])
-    shared_state(model).clear()
+        shared_state(model).clear()
+        to_name = None if to is None else (to if isinstance(to, str) else (to.name or type(to).__name__))
+        integrations.after_unwrap(model, integrations.Unwrapped(merge, dtype, to_name))
     if report is not None:
         model.__dict__[REPORT_ATTR] = report
     return model

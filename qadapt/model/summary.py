@@ -113,3 +113,13 @@ def summary(model: nn.Module) -> WrapSummary:
         quantized_bytes=sum(layer.backend.get_storage(layer.base).nbytes for _, layer in layers),
         total_bytes=sum(unique.values()),
     )
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's familiar line (trainable / all parameters / share), counting each quantized layer as
+    the ``out x in`` weights it represents (PEFT counts packed 4-bit codes, which halves the total)."""
+    info = summary(model)
+    share = 100.0 * info.trainable_params / max(info.total_params, 1)
+    print(
+        f"trainable params: {info.trainable_params:,} || all params: {info.total_params:,} || trainable%: {share:.4f}"
+    )

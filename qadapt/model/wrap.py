@@ -19,6 +19,7 @@ from torch import nn
 from qadapt import registry
 from qadapt.config import AUTO_BACKEND, REGEX_PREFIX, QAdaptConfig, load_config, validate_config
 from qadapt.errors import ArgumentTypeError, ConfigError, LayerFitError, PluginError, TargetError
+from qadapt.model import integrations
 from qadapt.model.layer import QuantAdapterLinear
 from qadapt.model.layers import adapter_layers, progress, shared_state
 from qadapt.model.targeting import Targets, as_pattern_list, select_targets
@@ -294,7 +295,18 @@ def wrap_resolved(
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     choice = _backend_choice(backend, None)
-    plan = plan_targets(model, method, choice, targets, exclude)
+    try:
+        plan = plan_targets(model, method, choice, targets, exclude)
+    except TargetError as exc:
+        wrapped = list(adapter_layers(model))
+        if wrapped and "matched" in str(exc):
+            adapters = sorted({name for _, layer in wrapped for name in layer.adapters})
+            raise TargetError(
+                f"this model is already wrapped ({len(wrapped)} qadapt layer(s), adapters: {', '.join(adapters)}), so "
+                f"no unwrapped layer matched targets {targets!r}; add another adapter with "
+                "qadapt.add_adapter(model, name, method), or qadapt.unwrap(model) first"
+            ) from exc
+        raise
     carriers = [name for name, layer in adapter_layers(model) if cfg.adapter_name in layer.adapters]
     if carriers:
         # A second wrap under the same name would split one adapter over two method instances
@@ -320,4 +332,6 @@ def wrap_resolved(
         if shared is not None:
             shared_state(model)[cfg.adapter_name] = shared
         freeze_base(model)
+        for undo in integrations.after_wrap(model):
+            tx.on_undo(undo)
     return model

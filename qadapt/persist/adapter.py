@@ -56,6 +56,7 @@ from qadapt.formats.checkpoint_files import (
     atomic_write,
     sha256,
 )
+from qadapt.formats.peft_layout import PEFT_CONFIG_FILE
 from qadapt.model import distributed
 from qadapt.model.adapters import add_adapter, list_adapters
 from qadapt.model.layer import QuantAdapterLinear
@@ -292,15 +293,21 @@ def load_adapter(
     *,
     adapter_name: str | None = None,
     backend: str | None = None,
+    is_trainable: bool = True,
 ) -> nn.Module:
-    """Load a :func:`save_adapter` checkpoint onto ``model``; returns the same model object.
+    """Load a :func:`save_adapter` checkpoint (or a PEFT adapter directory) onto ``model``; returns the same
+    model object.
 
     * ``model`` already carries the adapter (same name): its tensors are replaced.
     * ``model`` is wrapped at the checkpoint's layers but lacks the adapter: it is added.
     * ``model`` is not wrapped: it is wrapped from the checkpoint's config first (``backend``
       overrides the saved backend, e.g. to load an adapter trained on ``bnb4`` onto a float model).
+      This is PEFT's ``PeftModel.from_pretrained(model, directory)`` in one call.
 
-    ``adapter_name`` renames the adapter on load. The values round-trip exactly.
+    A directory with only PEFT's files (``adapter_config.json``) goes to :func:`qadapt.load_peft_adapter`
+    (onto a model not wrapped yet). ``adapter_name`` renames the adapter on load. ``is_trainable``:
+    the loaded adapter's parameters train (qadapt's default; PEFT's ``from_pretrained`` defaults to
+    False, inference only). The values round-trip exactly.
 
     Raises:
         CheckpointError: the checkpoint is unreadable or does not fit (method, options, layer names,
@@ -310,6 +317,13 @@ def load_adapter(
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     refuse_merged(adapter_layers(model), "load an adapter")
+    if not (Path(directory) / WEIGHTS_FILE).is_file() and (Path(directory) / PEFT_CONFIG_FILE).is_file():
+        from qadapt.persist.peft import load_peft_adapter
+
+        name = adapter_name or "default"
+        model = load_peft_adapter(model, directory, backend=backend or AUTO_BACKEND, adapter_name=name)
+        _set_trainable(model, name, is_trainable)
+        return model
     ckpt = read_adapter(directory)
     name = adapter_name or ckpt.config.adapter_name
     layers = canonical_adapter_layers(model)
@@ -335,7 +349,14 @@ def load_adapter(
         if problems:
             raise CheckpointError(f"checkpoint {directory} does not fit this model:\n  " + "\n  ".join(problems))
         _copy_in(model, ckpt, name)
+    _set_trainable(model, name, is_trainable)
     return model
+
+
+def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    for _, layer in adapter_layers(model):
+        if name in layer.adapters:
+            layer.adapters[name].requires_grad_(trainable)
 
 
 def _exact(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qadapt.merge.figures import output_sq_error
+from qadapt.merging.figures import output_sq_error
 from qadapt.protocols import Backend, QuantizedWeight
 
 

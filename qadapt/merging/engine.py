@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from qadapt.errors import CapabilityError, ConfigError
-from qadapt.merge.figures import check_finite, kept_share, output_sq_error, weight_figures
-from qadapt.merge.result import REQUANTIZE_MODES, MergePath, MergeResult, RequantizeMode
-from qadapt.merge.scales import tune_group_scales
+from qadapt.merging.figures import check_finite, kept_share, output_sq_error, weight_figures
+from qadapt.merging.result import REQUANTIZE_MODES, MergePath, MergeResult, RequantizeMode
+from qadapt.merging.scales import tune_group_scales
 from qadapt.protocols import Backend, CalibrationStats, Method, QuantizedWeight
 
 T = TypeVar("T")

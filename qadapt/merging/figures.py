@@ -100,7 +100,7 @@ class FigureSums:
         return all(math.isfinite(x) for x in self.sums)
 
     def finish(self) -> tuple[float, float | None]:
-        """``(error, delta_retained)`` of :class:`~qadapt.merge.result.MergeResult` (NaN error when a sum
+        """``(error, delta_retained)`` of :class:`~qadapt.merging.result.MergeResult` (NaN error when a sum
         is not finite: the caller's safe check says where)."""
         if not self.finite:
             return math.nan, None
@@ -112,7 +112,7 @@ class FigureSums:
 def weight_figures(
     before: torch.Tensor, target: torch.Tensor, stored: torch.Tensor, precision: Precision = "float64"
 ) -> tuple[float, float | None]:
-    """``(error, delta_retained)`` of :class:`~qadapt.merge.result.MergeResult` from ``[out, in]`` weights,
+    """``(error, delta_retained)`` of :class:`~qadapt.merging.result.MergeResult` from ``[out, in]`` weights,
     a block of rows at a time (see :class:`FigureSums` for ``precision``)."""
     sums = FigureSums(precision)
     for b, t, s in zip(before.split(ROWS), target.split(ROWS), stored.split(ROWS), strict=True):

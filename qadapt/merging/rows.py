@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from qadapt.merge.figures import ROWS, FigureSums, check_finite
+from qadapt.merging.figures import ROWS, FigureSums, check_finite
 from qadapt.protocols import RowMerger
 
 #: float32 bytes of one block of rows (a few temporaries of this size live at once).
