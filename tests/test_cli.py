@@ -85,6 +85,8 @@ def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
         "demo", "--backend", "bnb4", "--method", "oft", "--steps", "3", "--out", str(out), "--method-option", "r=4"
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("Failed to load", "register_constant", "kernels-community"):  # third-party lines a CPU cannot act on
+        assert noise not in result.stdout + result.stderr, noise
     for row in ("share of the quantization gap recovered", "exact unmerge bit-identical", "time per training step"):
         assert row in result.stdout
     assert re.search(r"exact unmerge bit-identical +yes", result.stdout)

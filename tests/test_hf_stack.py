@@ -215,3 +215,39 @@ def test_print_trainable_parameters_prints_peft_s_line(base_dir, capsys):
     info = qadapt.summary(model)
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"trainable params: {info.trainable_params:,} || all params: {info.total_params:,}")
+
+
+DDP_WORKER = """
+import os, sys
+import torch
+sys.path.insert(0, {tests_dir!r})
+from test_hf_stack import Batches, arguments, wrapped
+from transformers import Trainer
+
+import qadapt
+from qadapt.persist.adapter import adapter_tensors
+
+base, out = sys.argv[1], sys.argv[2]
+model = wrapped(__import__("pathlib").Path(base), "4bit", "lora")
+trainer = Trainer(model=model, args=arguments(out + "/run", max_steps=2, save_strategy="no"), train_dataset=Batches())
+trainer.train()
+trainer.save_model(out + "/final")
+rank = int(os.environ["RANK"])
+torch.save({{k: v.clone() for k, v in adapter_tensors(model, "default").items()}}, out + f"/rank{{rank}}.pt")
+"""
+
+
+def test_torchrun_ddp_with_trainer_keeps_the_ranks_equal_and_saves_once(base_dir, tmp_path):
+    import launch
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER.format(tests_dir=str(Path(__file__).resolve().parent)))
+    port = launch.free_port()
+    command = [*launch.torchrun(2, port), str(script), str(base_dir), str(tmp_path)]
+    (log,) = launch.run_processes([command], launch.env(), timeout=300)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(bool(first[k].abs().sum() > 0) for k in first if "lora_B" in k), "LoRA's B (zero at start) did not train"
+    fresh = qadapt.load_adapter(load_quantized(base_dir, "4bit"), tmp_path / "final")
+    assert all(torch.equal(first[k], v) for k, v in adapter_tensors(fresh, "default").items())
+    assert log.count("qadapt wrap") <= 1, "a wrap progress bar printed on more than one rank"

@@ -184,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from qadapt.cli.quiet import quiet_third_party
+
     try:
-        return args.run(args)
+        with quiet_third_party():
+            return args.run(args)
     except QAdaptError as exc:
         print(f"qadapt: {exc}", file=sys.stderr)
         return 1

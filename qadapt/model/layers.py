@@ -3,6 +3,7 @@ operations share."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,9 +22,21 @@ PROGRESS_MIN_LAYERS = 8
 SHARED_ATTR = "_qadapt_shared"
 
 
+def _rank() -> int:
+    """This process's rank: the process group's once it exists, else torchrun's ``RANK`` (0 alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def progress(items: Sequence[Any], desc: str) -> Iterable[Any]:
-    """``items``, with a tqdm bar when there are more than a few."""
-    if len(items) <= PROGRESS_MIN_LAYERS:
+    """``items``, with a tqdm bar when there are more than a few (on rank 0 only under torchrun)."""
+    if len(items) <= PROGRESS_MIN_LAYERS or _rank() != 0:
         return items
     return tqdm(items, desc=desc, unit="layer", leave=False)
 
