@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.qadapt-demo-installed
 PLUGIN_DIST := tests/plugins/qadapt_tinyplugin
 EXAMPLE_DIST := examples/qadapt_int8sym
 
-.PHONY: demo test bench bench-fidelity docs install clean
+.PHONY: demo test bench bench-real bench-fidelity docs install clean
 
 LOCAL_DISTS_FILES := $(shell find $(PLUGIN_DIST) $(EXAMPLE_DIST) -name '*.py' -o -name pyproject.toml)
 
@@ -45,6 +45,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+bench-real: $(STAMP) $(DEMO_STAMP)
+	$(BIN)/python benchmarks/real_model.py
 
 bench-fidelity: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py
