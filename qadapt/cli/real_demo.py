@@ -213,6 +213,64 @@ def _plots(losses: list[float], rows: list[Row], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _merge_rows(model: nn.Module, heldout: torch.Tensor, calibration: list, base: float, tuned: float) -> list[Row]:
+    """One row per way of folding the adapter in; the model is unmerged again after each."""
+    import qadapt
+
+    rows = []
+    merges = [
+        ("naive requantize (bitsandbytes / PEFT)", {"requantize": "fresh"}),
+        ("qadapt default merge", {}),
+        ("qadapt calibrated merge", {"calibration": calibration}),
+    ]
+    for label, options in merges:
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qadapt.merge(model, warn_below=None, **options)
+        seconds = time.perf_counter() - started
+        ppl = perplexity(model, heldout)
+        rows.append(Row(label, ppl, _kept(base, tuned, ppl), seconds))
+        qadapt.unmerge(model)
+    started = time.perf_counter()
+    floated = qadapt.unwrap(copy.deepcopy(model), merge="float")
+    ppl = perplexity(floated, heldout)
+    seconds = time.perf_counter() - started
+    rows.append(Row("float target (unwrap merge='float')", ppl, _kept(base, tuned, ppl), seconds))
+    return rows
+
+
+def _export_rows(out: Path, heldout: torch.Tensor, base: float, tuned: float, verbose: bool) -> list[Row]:
+    """``qadapt export`` of the saved adapter onto ``out/base`` to nf4 and bf16, reloaded with ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    import qadapt
+
+    rows = []
+    for target in ("nf4", "bf16"):
+        started = time.perf_counter()
+        destination = out / f"export-{target}"
+        qadapt.export(out / "base", out / "adapter", destination, to=target, overwrite=True, progress=verbose)
+        seconds = time.perf_counter() - started
+        reloaded = AutoModelForCausalLM.from_pretrained(out / f"export-{target}", device_map="cpu").eval()
+        ppl = perplexity(reloaded, heldout)
+        rows.append(Row(f"qadapt export --to {target}, reloaded", ppl, _kept(base, tuned, ppl), seconds))
+    return rows
+
+
+def _table(rows: list[Row]) -> str:
+    cells = [
+        (
+            r.label,
+            f"{r.ppl:.2f}",
+            "" if r.kept is None else f"{100 * r.kept:.1f} %",
+            "" if r.seconds is None else f"{r.seconds:.1f} s",
+        )
+        for r in rows
+    ]
+    return format_table(("model / merge", "held-out ppl", "gain kept", "time"), cells)
+
+
 def run_real_demo(settings: RealDemoSettings, *, verbose: bool = True) -> dict[str, Any]:
     """Run the demo; print its table (``verbose``) and return the summary written to ``summary.json``."""
     import qadapt
@@ -251,53 +309,12 @@ def run_real_demo(settings: RealDemoSettings, *, verbose: bool = True) -> dict[s
     generator = torch.Generator().manual_seed(settings.seed + 1)
     shape = (settings.calibration_batches, settings.calibration_batch_size)
     calibration = [train_rows[p] for p in torch.randint(0, train_rows.shape[0], shape, generator=generator)]
-    merges = [
-        ("naive requantize (bitsandbytes / PEFT)", {"requantize": "fresh"}),
-        ("qadapt default merge", {}),
-        ("qadapt calibrated merge", {"calibration": calibration}),
-    ]
-    for label, options in merges:
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qadapt.merge(model, warn_below=None, **options)
-        seconds = time.perf_counter() - t0
-        ppl = perplexity(model, heldout)
-        rows.append(Row(label, ppl, _kept(base_ppl, tuned_ppl, ppl), seconds))
-        qadapt.unmerge(model)
+    rows += _merge_rows(model, heldout, calibration, base_ppl, tuned_ppl)
+    float_model.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    rows += _export_rows(out, heldout, base_ppl, tuned_ppl, verbose)
 
-    t0 = time.perf_counter()
-    floated = qadapt.unwrap(copy.deepcopy(model), merge="float")
-    ppl = perplexity(floated, heldout)
-    seconds = time.perf_counter() - t0
-    rows.append(Row("float target (unwrap merge='float')", ppl, _kept(base_ppl, tuned_ppl, ppl), seconds))
-    del floated
-
-    base_dir = out / "base"
-    float_model.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    from transformers import AutoModelForCausalLM
-
-    for target in ("nf4", "bf16"):
-        t0 = time.perf_counter()
-        qadapt.export(base_dir, out / "adapter", out / f"export-{target}", to=target, overwrite=True, progress=verbose)
-        seconds = time.perf_counter() - t0
-        reloaded = AutoModelForCausalLM.from_pretrained(out / f"export-{target}", device_map="cpu").eval()
-        ppl = perplexity(reloaded, heldout)
-        rows.append(Row(f"qadapt export --to {target}, reloaded", ppl, _kept(base_ppl, tuned_ppl, ppl), seconds))
-        del reloaded
-
-    title = f"{path.name}: {settings.method} on {settings.backend}, {settings.steps} steps"
-    _plots(losses, rows, out, title)
-    table = [
-        (
-            r.label,
-            f"{r.ppl:.2f}",
-            "" if r.kept is None else f"{100 * r.kept:.1f} %",
-            "" if r.seconds is None else f"{r.seconds:.1f} s",
-        )
-        for r in rows
-    ]
+    _plots(losses, rows, out, f"{path.name}: {settings.method} on {settings.backend}, {settings.steps} steps")
     summary = {
         "model": str(path),
         "settings": asdict(settings),
@@ -308,10 +325,9 @@ def run_real_demo(settings: RealDemoSettings, *, verbose: bool = True) -> dict[s
         "wall_seconds": time.perf_counter() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    say("")
-    say(format_table(("model / merge", "held-out ppl", "gain kept", "time"), table))
+    say("\n" + _table(rows))
     say(f"\ntraining step: {step_seconds:.2f} s ({settings.batch_size} x {settings.seq_len} tokens)")
     say(f"prompt: {PROMPT!r}\n  before: {before!r}\n  after:  {after!r}")
-    say(f"wrote {out}/loss.png, perplexity.png, summary.json, adapter/, export-nf4/, export-bf16/ "
+    say(f"wrote loss.png, perplexity.png, summary.json, adapter/, export-nf4/, export-bf16/ under {out} "
         f"in {summary['wall_seconds']:.0f} s")
     return summary

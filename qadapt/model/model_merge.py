@@ -250,11 +250,12 @@ def _warn_low(report: MergeReport, warn_below: float | None) -> None:
     low = {n: r.kept for n, r in report.layers.items() if r.kept is not None and r.kept < warn_below}
     if low:
         name, kept = min(low.items(), key=lambda item: item[1])
+        calibrated = any(r.metric == "output" for r in report.layers.values())
+        more = "more calibration batches" if calibrated else "a calibrated merge (merge(model, calibration=batches))"
         warn(
             f"{len(low)} of {len(report.layers)} merged layer(s) keep less than {warn_below:.0%} of their adapter's "
-            f"effect (lowest: {name}, {kept:.1%}); see the MergeReport. A calibrated merge "
-            "(merge(model, calibration=batches)), a method that trains group scales, or a float target (unwrap(model, "
-            "merge='float')) keeps more"
+            f"effect (lowest: {name}, {kept:.1%}); see the MergeReport. {more[0].upper() + more[1:]}, a method that "
+            "trains group scales, or a float target (unwrap(model, merge='float')) keeps more"
         )
 
 
