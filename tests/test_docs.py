@@ -1,4 +1,4 @@
-"""The docs stay true: README and quickstart code blocks run, the options reference is current."""
+"""The docs stay true: every page's python code blocks run, the options reference is current."""
 
 from __future__ import annotations
 
@@ -13,24 +13,50 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
+#: Seconds one page's blocks may take; each page runs in a few seconds to ~20 s on a busy 2-core machine.
+PAGE_TIMEOUT = 240
+
+#: What each page with python blocks prints, the last of it from the page's last block: the code ran
+#: to its end and computed what the page says. A new page with a python block needs an entry here.
+MARKERS: dict[str, tuple[str, ...]] = {
+    "README.md": ("merged 2 layer(s)", "layers wrapped:   2 (bnb4 x2)"),
+    "docs/quickstart.md": ("merged 2 layer(s)", "layers wrapped:   2 (bnb8 x2)"),
+    "docs/usage.md": ("['default', 'second']", "loaded from PEFT files: 2"),
+    "docs/peft.md": ("trainable params:", "torch.bfloat16"),
+    "docs/concepts.md": ("merged 14 layer(s), max relative error",),
+    "docs/config.md": ("invalid qadapt config (4 errors)", "['adapter_name', 'backend', 'exclude', 'method'"),
+    "docs/backends.md": ("{'torchao': 2}",),
+    "docs/training.md": ("saved adapter after 4 steps", "Trainer ran 4 steps; adapter saved"),
+    "docs/export.md": ("exported llama-merged-nf4 (nf4): 14 layer(s) merged",),
+    "docs/plugins.md": ("int8sym and oft pass the contract suite",),
+}
+
+
 def python_blocks(path: Path) -> str:
+    """Every ```python block of a page, in order, as one script."""
     return "\n".join(PYTHON_BLOCK.findall(path.read_text()))
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md"])
+def pages_with_python() -> list[str]:
+    """README.md and every docs/*.md page that has a ```python block, as paths relative to the repository."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [page.relative_to(ROOT).as_posix() for page in pages if PYTHON_BLOCK.search(page.read_text())]
+
+
+@pytest.mark.parametrize("page", pages_with_python())
 def test_page_code_runs(page, tmp_path):
+    """A page's python blocks run top to bottom as one script, in a fresh directory, and print the page's markers."""
+    assert page in MARKERS, f"{page} has python blocks: add what its last block prints to MARKERS in {__file__}"
     code = python_blocks(ROOT / page)
-    assert code.strip(), f"{page} has no python block"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=PAGE_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "merged" in result.stdout and "layers wrapped" in result.stdout
+    missing = [marker for marker in MARKERS[page] if marker not in result.stdout]
+    assert not missing, f"{page} did not print {missing}; its output ends:\n{result.stdout[-2000:]}"
 
 
-def test_the_coming_from_peft_page_runs(tmp_path):
-    code = python_blocks(ROOT / "docs/peft.md")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "trainable params:" in result.stdout and "torch.bfloat16" in result.stdout
+def test_every_marker_is_for_a_page_with_python_blocks():
+    assert sorted(MARKERS) == sorted(pages_with_python())
 
 
 def test_options_reference_is_current():
