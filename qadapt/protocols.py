@@ -390,6 +390,33 @@ class Method(_Plugin):
         """
         return None
 
+    def merge_bias(self, adapter: nn.Module, bias: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the merged layer's bias ``[out]`` float32 for the base's bias ``bias [out]`` float32,
+        or None (the default): the merge leaves the bias as it is.
+
+        A method whose adapted output is not ``W' x + b`` for the base's own ``b`` (IA³ scales the whole
+        output, bias included) returns the bias a plain linear needs here, so that
+        ``linear(x, merge_weight(W), merge_bias(b))`` equals the adapted forward. Called only for a
+        layer that has a bias; must not modify ``bias``. A method that implements it implements
+        :meth:`unmerge_bias` too.
+        """
+        return None
+
+    def unmerge_bias(self, adapter: nn.Module, bias: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the inverse of :meth:`merge_bias` (float32 ``[out]``), or None (the default: unchanged)."""
+        return None
+
+    def for_layer(self, name: str) -> Method:
+        """Optional: the method instance that adapts layer ``name`` (default: ``self``).
+
+        ``name`` is the layer's canonical module name (``model.layers.0.mlp.down_proj``, wrapper
+        segments removed). A method with per-layer choices (IA³'s feed-forward layers, a rank
+        pattern) returns an instance of its own class with the **same options** that makes the
+        choice for that layer; ``wrap``, ``add_adapter``, checkpoint loading and the export call it
+        once per layer, before :meth:`check_layer`. Must not change ``self``.
+        """
+        return self
+
     def row_merger(self, adapter: nn.Module) -> RowMerger | None:
         """Optional: a function that merges a block of rows at a time, or None (merge whole layers).
 

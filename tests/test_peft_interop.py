@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import model_checksum
-from peft import LoraConfig, OFTConfig, PeftModel, RandLoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, OFTConfig, PeftModel, RandLoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
@@ -24,8 +24,9 @@ METHODS = [
     ("randlora", {"r": 8, "save_projection": False}),
     ("lora", {"r": 4, "alpha": 16}),
     ("dora", {"r": 4, "use_rslora": True}),
+    ("ia3", {"feedforward_modules": ["down_proj"]}),
 ]
-METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora"]
+METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora", "ia3"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,8 +85,20 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         LoraConfig(target_modules=TARGETS, r=4, lora_alpha=16, init_lora_weights=False),
         LoraConfig(target_modules=TARGETS, r=8, use_rslora=True, init_lora_weights="gaussian", lora_dropout=0.1),
         LoraConfig(target_modules=TARGETS, r=4, use_dora=True, init_lora_weights=False),
+        IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"], init_ia3_weights=False),
+        IA3Config(target_modules=TARGETS, feedforward_modules=r".*\.mlp\..*", init_ia3_weights=False),
     ],
-    ids=["oft-block-size", "oft-r-exact-cayley", "randlora", "randlora-regenerated", "lora", "lora-rslora", "dora"],
+    ids=[
+        "oft-block-size",
+        "oft-r-exact-cayley",
+        "randlora",
+        "randlora-regenerated",
+        "lora",
+        "lora-rslora",
+        "dora",
+        "ia3",
+        "ia3-regex",
+    ],
 )
 def test_peft_to_qadapt(tmp_path: Path, peft_config):
     ids = token_ids()
@@ -93,7 +106,9 @@ def test_peft_to_qadapt(tmp_path: Path, peft_config):
     peft_model = get_peft_model(tiny_llama(), peft_config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if param.requires_grad and any(key in name for key in ("randlora_gamma", "lora_B", "magnitude")):
+            if param.requires_grad and any(
+                key in name for key in ("randlora_gamma", "lora_B", "magnitude")
+            ):
                 param.mul_(1 + 0.1 * torch.randn_like(param)).add_(0.01 * torch.randn_like(param))
     peft_model.eval()
     with torch.no_grad():
@@ -131,9 +146,9 @@ def as_written_by_peft(directory: Path) -> None:
     ("changes", "message"),
     [
         (
-            {"peft_type": "VERA"},
-            r"no installed qadapt method reads PEFT adapters of type 'VERA' with this config; supported types: "
-            r"LORA, OFT, RANDLORA",
+            {"peft_type": "ADALORA"},
+            r"no installed qadapt method reads PEFT adapters of type 'ADALORA' with this config; supported types: "
+            r"IA3, LORA, OFT, RANDLORA",
         ),
         ({"bias": "all"}, r"unsupported PEFT settings: bias='all'"),
         ({"oft_block_size": 8}, r"q_proj.weight' has shape \(4, 120\) in the PEFT adapter, \(8, 28\) in the model"),
