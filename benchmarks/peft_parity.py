@@ -78,6 +78,13 @@ def cases() -> list[Case]:
             lambda: peft.IA3Config(target_modules=["proj"], feedforward_modules=["proj"]),
             _copy_named({"ia3_l": "ia3_l"}),
         ),
+        Case(
+            "vera (r=16)",
+            "vera",
+            {"r": 16},
+            lambda: peft.VeraConfig(target_modules=["proj"], r=16),
+            _copy_named({"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}),
+        ),
     ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import model_checksum
-from peft import IA3Config, LoraConfig, OFTConfig, PeftModel, RandLoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, OFTConfig, PeftModel, RandLoraConfig, VeraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
@@ -25,8 +25,10 @@ METHODS = [
     ("lora", {"r": 4, "alpha": 16}),
     ("dora", {"r": 4, "use_rslora": True}),
     ("ia3", {"feedforward_modules": ["down_proj"]}),
+    ("vera", {"r": 8}),
+    ("vera", {"r": 8, "save_projection": False, "projection_prng_key": 7}),
 ]
-METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora", "ia3"]
+METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora", "ia3", "vera", "vera-regenerated"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,6 +89,8 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         LoraConfig(target_modules=TARGETS, r=4, use_dora=True, init_lora_weights=False),
         IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"], init_ia3_weights=False),
         IA3Config(target_modules=TARGETS, feedforward_modules=r".*\.mlp\..*", init_ia3_weights=False),
+        VeraConfig(target_modules=TARGETS, r=8, init_weights=False, vera_dropout=0.1),
+        VeraConfig(target_modules=TARGETS, r=8, init_weights=False, save_projection=False, projection_prng_key=3),
     ],
     ids=[
         "oft-block-size",
@@ -98,6 +102,8 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         "dora",
         "ia3",
         "ia3-regex",
+        "vera",
+        "vera-regenerated",
     ],
 )
 def test_peft_to_qadapt(tmp_path: Path, peft_config):
@@ -107,7 +113,7 @@ def test_peft_to_qadapt(tmp_path: Path, peft_config):
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if param.requires_grad and any(
-                key in name for key in ("randlora_gamma", "lora_B", "magnitude")
+                key in name for key in ("randlora_gamma", "lora_B", "magnitude", "vera_lambda_b")
             ):
                 param.mul_(1 + 0.1 * torch.randn_like(param)).add_(0.01 * torch.randn_like(param))
     peft_model.eval()
@@ -148,7 +154,7 @@ def as_written_by_peft(directory: Path) -> None:
         (
             {"peft_type": "ADALORA"},
             r"no installed qadapt method reads PEFT adapters of type 'ADALORA' with this config; supported types: "
-            r"IA3, LORA, OFT, RANDLORA",
+            r"IA3, LORA, OFT, RANDLORA, VERA",
         ),
         ({"bias": "all"}, r"unsupported PEFT settings: bias='all'"),
         ({"oft_block_size": 8}, r"q_proj.weight' has shape \(4, 120\) in the PEFT adapter, \(8, 28\) in the model"),

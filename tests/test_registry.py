@@ -199,6 +199,7 @@ def test_core_source_never_names_a_plugin_package():
             "qadapt_lora",
             "qadapt_scales",
             "qadapt_ia3",
+            "qadapt_vera",
             "qadapt_torchao",
             "qadapt_hqq",
             "bitsandbytes",
@@ -244,6 +245,7 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         "qadapt_randlora",
         "qadapt_scales",
         "qadapt_torchao",
+        "qadapt_vera",
     }
     assert {"qadapt_torchao", "qadapt_hqq"} <= top_level
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
