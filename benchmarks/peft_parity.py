@@ -58,6 +58,12 @@ def _copy_named(pairs: dict[str, str]) -> Callable[[nn.Module, nn.Module], None]
     return copy
 
 
+def _copy_all(adapter: nn.Module, layer: nn.Module) -> None:
+    """Copy every adapter parameter into PEFT's parameter of the same name (LyCORIS names are PEFT's)."""
+    for key, param in adapter.named_parameters():
+        getattr(layer, key)["default"].copy_(param)
+
+
 def cases() -> list[Case]:
     import peft
 
@@ -84,6 +90,20 @@ def cases() -> list[Case]:
             {"r": 16},
             lambda: peft.VeraConfig(target_modules=["proj"], r=16),
             _copy_named({"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}),
+        ),
+        Case(
+            "loha (r=4)",
+            "loha",
+            {"r": 4, "alpha": 8},
+            lambda: peft.LoHaConfig(target_modules=["proj"], r=4, alpha=8),
+            _copy_all,
+        ),
+        Case(
+            "lokr (r=2, decompose_both)",
+            "lokr",
+            {"r": 2, "decompose_both": True},
+            lambda: peft.LoKrConfig(target_modules=["proj"], r=2, decompose_both=True),
+            _copy_all,
         ),
     ]
 

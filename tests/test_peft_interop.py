@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import model_checksum
-from peft import IA3Config, LoraConfig, OFTConfig, PeftModel, RandLoraConfig, VeraConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    PeftModel,
+    RandLoraConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
@@ -27,8 +37,21 @@ METHODS = [
     ("ia3", {"feedforward_modules": ["down_proj"]}),
     ("vera", {"r": 8}),
     ("vera", {"r": 8, "save_projection": False, "projection_prng_key": 7}),
+    ("loha", {"r": 4, "alpha": 6, "rank_pattern": {"down_proj": 2}}),
+    ("lokr", {"r": 2, "decompose_both": True, "alpha_pattern": {"v_proj": 5.0}}),
 ]
-METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora", "ia3", "vera", "vera-regenerated"]
+METHOD_IDS = [
+    "oft",
+    "randlora",
+    "randlora-regenerated",
+    "lora",
+    "dora",
+    "ia3",
+    "vera",
+    "vera-regenerated",
+    "loha",
+    "lokr",
+]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,6 +114,8 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         IA3Config(target_modules=TARGETS, feedforward_modules=r".*\.mlp\..*", init_ia3_weights=False),
         VeraConfig(target_modules=TARGETS, r=8, init_weights=False, vera_dropout=0.1),
         VeraConfig(target_modules=TARGETS, r=8, init_weights=False, save_projection=False, projection_prng_key=3),
+        LoHaConfig(target_modules=TARGETS, r=4, alpha=8, init_weights=False, rank_pattern={"q_proj": 2}),
+        LoKrConfig(target_modules=TARGETS, r=2, decompose_both=True, init_weights=False, decompose_factor=4),
     ],
     ids=[
         "oft-block-size",
@@ -104,6 +129,8 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         "ia3-regex",
         "vera",
         "vera-regenerated",
+        "loha",
+        "lokr",
     ],
 )
 def test_peft_to_qadapt(tmp_path: Path, peft_config):
@@ -154,7 +181,7 @@ def as_written_by_peft(directory: Path) -> None:
         (
             {"peft_type": "ADALORA"},
             r"no installed qadapt method reads PEFT adapters of type 'ADALORA' with this config; supported types: "
-            r"IA3, LORA, OFT, RANDLORA, VERA",
+            r"IA3, LOHA, LOKR, LORA, OFT, RANDLORA, VERA",
         ),
         ({"bias": "all"}, r"unsupported PEFT settings: bias='all'"),
         ({"oft_block_size": 8}, r"q_proj.weight' has shape \(4, 120\) in the PEFT adapter, \(8, 28\) in the model"),
