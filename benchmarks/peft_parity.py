@@ -105,6 +105,13 @@ def cases() -> list[Case]:
             lambda: peft.LoKrConfig(target_modules=["proj"], r=2, decompose_both=True),
             _copy_all,
         ),
+        Case(
+            "boft (block 8)",
+            "boft",
+            {"block_size": 8},
+            lambda: peft.BOFTConfig(target_modules=["proj"], boft_block_size=8),
+            _copy_all,
+        ),
     ]
 
 

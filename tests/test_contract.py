@@ -16,7 +16,7 @@ from qadapt import registry, testing
 from qadapt.protocols import PluginOptions, QuantizedWeight
 from qadapt.registry.reference import FloatBackend
 
-METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr")
+METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr", "boft")
 BUILTIN_METHODS = [name for name in METHOD_NAMES if name in registry.names("methods")]
 LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]
 LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]

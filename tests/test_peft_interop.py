@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import model_checksum
 from peft import (
+    BOFTConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -39,6 +40,7 @@ METHODS = [
     ("vera", {"r": 8, "save_projection": False, "projection_prng_key": 7}),
     ("loha", {"r": 4, "alpha": 6, "rank_pattern": {"down_proj": 2}}),
     ("lokr", {"r": 2, "decompose_both": True, "alpha_pattern": {"v_proj": 5.0}}),
+    ("boft", {"block_size": 8}),
 ]
 METHOD_IDS = [
     "oft",
@@ -51,6 +53,7 @@ METHOD_IDS = [
     "vera-regenerated",
     "loha",
     "lokr",
+    "boft",
 ]
 
 
@@ -116,6 +119,7 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         VeraConfig(target_modules=TARGETS, r=8, init_weights=False, save_projection=False, projection_prng_key=3),
         LoHaConfig(target_modules=TARGETS, r=4, alpha=8, init_weights=False, rank_pattern={"q_proj": 2}),
         LoKrConfig(target_modules=TARGETS, r=2, decompose_both=True, init_weights=False, decompose_factor=4),
+        BOFTConfig(target_modules=TARGETS, boft_block_size=0, boft_block_num=8, init_weights=False),
     ],
     ids=[
         "oft-block-size",
@@ -131,6 +135,7 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         "vera-regenerated",
         "loha",
         "lokr",
+        "boft",
     ],
 )
 def test_peft_to_qadapt(tmp_path: Path, peft_config):
@@ -181,7 +186,7 @@ def as_written_by_peft(directory: Path) -> None:
         (
             {"peft_type": "ADALORA"},
             r"no installed qadapt method reads PEFT adapters of type 'ADALORA' with this config; supported types: "
-            r"IA3, LOHA, LOKR, LORA, OFT, RANDLORA, VERA",
+            r"BOFT, IA3, LOHA, LOKR, LORA, OFT, RANDLORA, VERA",
         ),
         ({"bias": "all"}, r"unsupported PEFT settings: bias='all'"),
         ({"oft_block_size": 8}, r"q_proj.weight' has shape \(4, 120\) in the PEFT adapter, \(8, 28\) in the model"),

@@ -203,6 +203,7 @@ def test_core_source_never_names_a_plugin_package():
             "qadapt_loha",
             "qadapt_lokr",
             "qadapt_lycoris",
+            "qadapt_boft",
             "qadapt_torchao",
             "qadapt_hqq",
             "bitsandbytes",
@@ -241,6 +242,7 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
     assert top_level <= {
         "qadapt",
         "qadapt_bnb",
+        "qadapt_boft",
         "qadapt_hqq",
         "qadapt_ia3",
         "qadapt_loha",
