@@ -14,7 +14,8 @@ Config names: ``lora_alpha → alpha``, ``lora_dropout → dropout``, ``init_lor
 init_weights``; ``r`` and ``use_rslora`` keep theirs. A PEFT ``LoraConfig`` with
 ``use_dora=True`` loads as ``dora``, otherwise as ``lora``.
 
-Not supported: PEFT's per-layer ``rank_pattern`` / ``alpha_pattern``, ``lora_bias``, and
+``rank_pattern`` / ``alpha_pattern`` choose ``r`` and ``alpha`` per layer (``Method.for_layer``, PEFT's
+matching rule). Not supported: ``lora_bias``, and
 initializations that change the base weight or need data (PiSSA, OLoRA, LoftQ, CorDA, EVA, ...).
 """
 

@@ -21,11 +21,9 @@ PEFT_TYPE = "LORA"
 PEFT_LAYER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 _RENAMED = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
-_SAME = ("r", "use_rslora")
+_SAME = ("r", "use_rslora", "rank_pattern", "alpha_pattern")
 #: PEFT config fields whose non-empty values change the math in ways qadapt does not reproduce.
 _UNSUPPORTED = (
-    "rank_pattern",
-    "alpha_pattern",
     "lora_bias",
     "use_qalora",
     "layer_replication",
@@ -56,7 +54,7 @@ def options_from_peft(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     if problems:
         raise CheckpointError("unsupported PEFT LoRA settings: " + "; ".join(problems))
-    options = {name: config[name] for name in _SAME if name in config}
+    options = {name: config[name] for name in _SAME if name in config and config[name] is not None}
     options.update({name: config[peft] for peft, name in _RENAMED.items() if peft in config})
     return options
 
@@ -66,7 +64,9 @@ def options_to_peft(options: Mapping[str, Any], layers: Mapping[str, Mapping[str
     config = {name: options[name] for name in _SAME if name in options}
     config.update({peft: options[name] for peft, name in _RENAMED.items() if name in options})
     config["use_dora"] = any("magnitude" in state for state in layers.values())
-    config.update(rank_pattern={}, alpha_pattern={}, lora_bias=False)
+    config.setdefault("rank_pattern", {})
+    config.setdefault("alpha_pattern", {})
+    config["lora_bias"] = False
     return config
 
 
