@@ -16,7 +16,7 @@ from qadapt import registry, testing
 from qadapt.protocols import PluginOptions, QuantizedWeight
 from qadapt.registry.reference import FloatBackend
 
-METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr", "boft")
+METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr", "boft", "qalora")
 BUILTIN_METHODS = [name for name in METHOD_NAMES if name in registry.names("methods")]
 LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]
 LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
@@ -434,3 +434,14 @@ def test_the_suite_catches_group_scales_that_leak_into_other_groups():
 
     with pytest.raises(AssertionError, match=r"check_group_scales: with_group_scales\(get_group_scales\(\)\) moves"):
         testing.check_backend(Leaky())
+
+
+def test_the_suite_catches_zero_points_written_to_the_wrong_group():
+    from qadapt_hqq.backend import HqqBackend
+
+    class ShiftedOffsets(HqqBackend):
+        def with_group_offsets(self, storage, offsets):
+            return super().with_group_offsets(storage, offsets.roll(1))
+
+    with pytest.raises(AssertionError, match=r"check_group_offsets: with_group_offsets\(get_group_offsets\(\)\) moves"):
+        testing.check_backend(ShiftedOffsets({"nbits": 4, "group_size": 16}))

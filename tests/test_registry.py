@@ -258,3 +258,10 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
     assert {"qadapt_torchao", "qadapt_hqq"} <= top_level
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
     assert "torchao = qadapt_torchao.backend:TorchaoBackend" in registered and "hqq = qadapt_hqq.backend" in registered
+
+
+def test_qadapt_ships_eleven_methods():
+    builtin = {info.name for info in registry.plugins("methods") if info.distribution == "qadapt" and info.ok}
+    assert builtin == {
+        "oft", "randlora", "lora", "dora", "qalora", "scales", "ia3", "vera", "loha", "lokr", "boft"
+    }  # fmt: skip

@@ -91,7 +91,7 @@ class LoraMethod(Method):
     def create_adapter(self, in_features: int, out_features: int, shared: nn.Module | None) -> LoraAdapter:
         opts = self.options
         layer_scaling = scaling(self.alpha, self.r, opts.use_rslora)
-        adapter = self.adapter_class(in_features, out_features, self.r, layer_scaling, opts.dropout)
+        adapter = self._new_adapter(in_features, out_features, layer_scaling)
         with torch.no_grad():
             if opts.init_weights == "gaussian":
                 nn.init.normal_(adapter.lora_A.weight, std=1 / self.r)
@@ -101,6 +101,10 @@ class LoraMethod(Method):
             if opts.init_weights is not False:
                 nn.init.zeros_(adapter.lora_B.weight)
         return adapter
+
+    def _new_adapter(self, in_features: int, out_features: int, scaling: float) -> LoraAdapter:
+        """The adapter module, before the initialisation (created in PEFT's order)."""
+        return self.adapter_class(in_features, out_features, self.r, scaling, self.options.dropout)
 
     def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseForward) -> torch.Tensor:
         adapter = _as(adapter, LoraAdapter, self)
