@@ -85,6 +85,10 @@ class BackendCapabilities:
     #: Implements :meth:`Backend.group_layout`, :meth:`Backend.get_group_scales` and
     #: :meth:`Backend.with_group_scales` (per-group scales, read and written).
     group_scales: bool = False
+    #: Implements :meth:`Backend.group_layout`, :meth:`Backend.get_group_offsets` and
+    #: :meth:`Backend.with_group_offsets` (per-group zero points, read and written, as the additive
+    #: offset each group's zero point gives its weights): the twin of ``group_scales``.
+    group_offsets: bool = False
     #: Implements :meth:`Backend.from_checkpoint`, :meth:`Backend.to_checkpoint`,
     #: :meth:`Backend.checkpoint_config` and :meth:`Backend.storage_options`: storage to and from
     #: the key layout transformers writes, so an export streams checkpoint tensors without modules.
@@ -234,7 +238,9 @@ class Backend(_Plugin):
         raise _missing(self, "requantize_calibrated")
 
     def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
-        """How ``storage``'s per-group scales cover its weight. Needs ``capabilities.group_scales``."""
+        """How ``storage``'s per-group scales (and zero points) cover its weight. Needs
+        ``capabilities.group_scales`` or ``capabilities.group_offsets``; a format whose groups are not runs
+        of the row-major weight (hqq's ``axis=0``) raises :class:`CapabilityError` saying so."""
         raise _missing(self, "group_layout")
 
     def get_group_scales(self, storage: QuantizedWeight) -> torch.Tensor:
@@ -251,6 +257,21 @@ class Backend(_Plugin):
         nested, double-quantized state). ``storage`` is not modified.
         """
         raise _missing(self, "with_group_scales")
+
+    def get_group_offsets(self, storage: QuantizedWeight) -> torch.Tensor:
+        """Each group's additive offset, float32 ``[num_groups]``, in weight units: the format stores
+        ``W = codes part + offset`` per group (hqq: ``W = (q − zero) · scale``, offset ``−zero · scale``;
+        a min-offset format: its ``m``). Needs ``capabilities.group_offsets``."""
+        raise _missing(self, "get_group_offsets")
+
+    def with_group_offsets(self, storage: QuantizedWeight, offsets: torch.Tensor) -> QuantizedWeight:
+        """New storage with ``storage``'s codes and scales and per-group offsets ``offsets [num_groups]``.
+
+        ``dequantize`` of the result equals ``dequantize(storage)`` with each group shifted by
+        ``offsets - get_group_offsets(storage)``, up to the format's rounding of zero points (a
+        float16 zero, an integer zero). ``storage`` is not modified. Needs ``capabilities.group_offsets``.
+        """
+        raise _missing(self, "with_group_offsets")
 
     def dtype_fixed_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The owned module's parameters and buffers whose dtype is part of the quantized format.
@@ -389,6 +410,33 @@ class Method(_Plugin):
         storage here, and the core skips requantization. ``storage`` is not modified.
         """
         return None
+
+    def merge_bias(self, adapter: nn.Module, bias: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the merged layer's bias ``[out]`` float32 for the base's bias ``bias [out]`` float32,
+        or None (the default): the merge leaves the bias as it is.
+
+        A method whose adapted output is not ``W' x + b`` for the base's own ``b`` (IA³ scales the whole
+        output, bias included) returns the bias a plain linear needs here, so that
+        ``linear(x, merge_weight(W), merge_bias(b))`` equals the adapted forward. Called only for a
+        layer that has a bias; must not modify ``bias``. A method that implements it implements
+        :meth:`unmerge_bias` too.
+        """
+        return None
+
+    def unmerge_bias(self, adapter: nn.Module, bias: torch.Tensor) -> torch.Tensor | None:
+        """Optional: the inverse of :meth:`merge_bias` (float32 ``[out]``), or None (the default: unchanged)."""
+        return None
+
+    def for_layer(self, name: str) -> Method:
+        """Optional: the method instance that adapts layer ``name`` (default: ``self``).
+
+        ``name`` is the layer's canonical module name (``model.layers.0.mlp.down_proj``, wrapper
+        segments removed). A method with per-layer choices (IA³'s feed-forward layers, a rank
+        pattern) returns an instance of its own class with the **same options** that makes the
+        choice for that layer; ``wrap``, ``add_adapter``, checkpoint loading and the export call it
+        once per layer, before :meth:`check_layer`. Must not change ``self``.
+        """
+        return self
 
     def row_merger(self, adapter: nn.Module) -> RowMerger | None:
         """Optional: a function that merges a block of rows at a time, or None (merge whole layers).

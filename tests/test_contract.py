@@ -16,7 +16,8 @@ from qadapt import registry, testing
 from qadapt.protocols import PluginOptions, QuantizedWeight
 from qadapt.registry.reference import FloatBackend
 
-BUILTIN_METHODS = [name for name in ("oft", "randlora", "lora", "dora") if name in registry.names("methods")]
+METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr", "boft", "qalora")
+BUILTIN_METHODS = [name for name in METHOD_NAMES if name in registry.names("methods")]
 LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]
 LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
 
@@ -237,6 +238,40 @@ class RowMergerIgnoresRows(AddDelta):
         return lambda weight_rows, rows: weight_rows + delta[: weight_rows.shape[0]]
 
 
+class OutputScale(AddDelta):
+    """Scales the whole output (bias included) by ``1 + delta[:, 0]``, but merges only the weight."""
+
+    def forward(self, adapter, x, base_forward):
+        return base_forward(x) * (1 + adapter.delta[:, 0])
+
+    def merge_weight(self, adapter, weight):
+        return weight * (1 + adapter.delta.detach().float()[:, :1])
+
+    def unmerge_weight(self, adapter, weight):
+        return weight / (1 + adapter.delta.detach().float()[:, :1])
+
+
+class BiasWithoutInverse(OutputScale):
+    """Merges the scaled bias but cannot take it out again."""
+
+    def merge_bias(self, adapter, bias):
+        return bias * (1 + adapter.delta.detach().float()[:, 0])
+
+
+class BiasInverseWrong(BiasWithoutInverse):
+    """unmerge_bias does not undo merge_bias."""
+
+    def unmerge_bias(self, adapter, bias):
+        return bias.clone()
+
+
+class ForLayerWithOtherOptions(AddDelta):
+    """Answers for_layer with other options, which no checkpoint could describe."""
+
+    def for_layer(self, name):
+        return type(self)({"scale": 0.5})
+
+
 class RequiredOptions(PluginOptions):
     scale: float = Field(description="No default: the suite must be told a value.")
     seed: int = 0
@@ -294,6 +329,26 @@ class NoDefaults(AddDelta):
             "check_row_merger_matches_merge_weight",
             "row_merger's rows differ from merge_weight's",
         ),
+        (
+            lambda: testing.check_method(OutputScale()),
+            "check_merge_weight_matches_forward",
+            "linear(x, merge_weight(W), b) differs from the adapted forward by",
+        ),
+        (
+            lambda: testing.check_method(BiasWithoutInverse()),
+            "check_merge_bias_inverts",
+            "BiasWithoutInverse implements merge_bias but not unmerge_bias",
+        ),
+        (
+            lambda: testing.check_method(BiasInverseWrong()),
+            "check_merge_bias_inverts",
+            "unmerge_bias(merge_bias(b)) differs from b by",
+        ),
+        (
+            lambda: testing.check_method(ForLayerWithOtherOptions()),
+            "check_for_layer_keeps_the_method",
+            "for_layer('proj') returned options {'scale': 0.5, 'seed': 0}, the method has",
+        ),
     ],
     ids=[
         "buffer-adapter",
@@ -305,6 +360,10 @@ class NoDefaults(AddDelta):
         "detaching-backend",
         "bf16-merge",
         "row-merger-ignores-rows",
+        "bias-not-merged",
+        "bias-without-inverse",
+        "bias-inverse-wrong",
+        "for-layer-other-options",
     ],
 )
 def test_the_suite_names_the_rule_a_broken_plugin_breaks(run, rule, message):
@@ -375,3 +434,14 @@ def test_the_suite_catches_group_scales_that_leak_into_other_groups():
 
     with pytest.raises(AssertionError, match=r"check_group_scales: with_group_scales\(get_group_scales\(\)\) moves"):
         testing.check_backend(Leaky())
+
+
+def test_the_suite_catches_zero_points_written_to_the_wrong_group():
+    from qadapt_hqq.backend import HqqBackend
+
+    class ShiftedOffsets(HqqBackend):
+        def with_group_offsets(self, storage, offsets):
+            return super().with_group_offsets(storage, offsets.roll(1))
+
+    with pytest.raises(AssertionError, match=r"check_group_offsets: with_group_offsets\(get_group_offsets\(\)\) moves"):
+        testing.check_backend(ShiftedOffsets({"nbits": 4, "group_size": 16}))

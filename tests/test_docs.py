@@ -29,6 +29,12 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "docs/training.md": ("saved adapter after 4 steps", "Trainer ran 4 steps; adapter saved"),
     "docs/export.md": ("exported llama-merged-nf4 (nf4): 14 layer(s) merged",),
     "docs/plugins.md": ("int8sym and oft pass the contract suite",),
+    "docs/first-plugin.md": (
+        "contract: ok",
+        "caught: check_merge_weight_matches_forward",
+        "2 layers wrapped",
+        "merged 2 layer(s)",
+    ),
 }
 
 
@@ -57,6 +63,18 @@ def test_page_code_runs(page, tmp_path):
 
 def test_every_marker_is_for_a_page_with_python_blocks():
     assert sorted(MARKERS) == sorted(pages_with_python())
+
+
+def test_example_method_plugin_passes_the_contract():
+    sys.path.insert(0, str(ROOT / "examples" / "qadapt_rank1"))
+    try:
+        from qadapt_rank1 import Rank1Method
+    finally:
+        sys.path.pop(0)
+    from qadapt import testing
+
+    testing.check_method(Rank1Method(), backend="none")
+    testing.check_method(Rank1Method({"scale": 2.0}), backend="bnb4")
 
 
 def test_options_reference_is_current():

@@ -104,6 +104,38 @@ def test_export_is_bit_identical_to_the_in_memory_merge(
 
 
 @torch.no_grad()
+def test_a_method_that_merges_into_the_bias_exports_the_merged_bias(tmp_path: Path):
+    """IA³ scales biased layers' outputs, bias included: the export writes the merged bias (Method.merge_bias)."""
+    base_model = tiny_llama(bias=True)
+    generator = torch.Generator().manual_seed(8)
+    for name, param in base_model.named_parameters():
+        if name.endswith(".bias"):  # transformers starts them at zero
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    base_model.save_pretrained(tmp_path / "base")
+
+    def load() -> torch.nn.Module:
+        return LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", dtype=torch.float32)
+
+    options = {"feedforward_modules": ["down_proj"]}
+    model = qadapt.wrap(load(), method="ia3", targets=["q_proj", "v_proj", "down_proj"], method_options=options)
+    perturb_adapters(model, scale=0.2)
+    qadapt.save_adapter(model.eval(), tmp_path / "adapter")
+    ids = token_ids(length=8)
+    adapted = model(ids).logits
+    reference = qadapt.unwrap(qadapt.load_adapter(load(), tmp_path / "adapter"), merge=True).eval()
+    export(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", to="float32", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(exported(ids).logits, reference(ids).logits)
+    torch.testing.assert_close(exported(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    q_bias = "model.layers.0.self_attn.q_proj.bias"
+    assert not torch.equal(written[q_bias], base[q_bias])  # scaled with the output
+    down_bias = "model.layers.0.mlp.down_proj.bias"
+    assert torch.equal(written[down_bias], base[down_bias])  # a feed-forward layer's input is scaled, not its bias
+
+
+@torch.no_grad()
 def test_float_target_from_a_quantized_base_is_the_float_merged_model(bases: dict[str, Path], tmp_path: Path):
     adapted = make_adapter(loader(bases, "nf4", "nf4"), "oft", tmp_path / "adapter")
     ids = token_ids(length=8)

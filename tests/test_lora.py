@@ -239,11 +239,10 @@ def test_a_checkpoint_saved_by_peft_gives_peft_s_outputs(tmp_path, config, metho
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"rank_pattern": {"q_proj": 8}}, r"unsupported PEFT LoRA settings: rank_pattern=\{'q_proj': 8\}"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' \(only True, False or 'gaussian'"),
         ({"lora_bias": True}, r"lora_bias=True"),
     ],
-    ids=["rank-pattern", "pissa", "lora-bias"],
+    ids=["pissa", "lora-bias"],
 )
 def test_unsupported_peft_lora_settings_are_named_and_change_nothing(tmp_path, change, message):
     _peft_saved(tmp_path, r=4)
@@ -254,3 +253,30 @@ def test_unsupported_peft_lora_settings_are_named_and_change_nothing(tmp_path, c
     with pytest.raises(CheckpointError, match=message):
         qadapt.load_peft_adapter(model, tmp_path, backend="bnb4")
     assert model_checksum(model) == before
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_rank_and_alpha_patterns_are_peft_s_per_layer_choice(tmp_path, dora):
+    patterns = {
+        "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 8},
+        "alpha_pattern": {r"layers\.0\.self_attn\.q_proj": 3.0},
+    }
+    config = {"r": 4, "lora_alpha": 16, "init_lora_weights": False, "use_dora": dora, **patterns}
+    expected = _peft_saved(tmp_path, **config)
+    model = qadapt.load_peft_adapter(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert relative(model_output(model, token_ids()), expected) <= 1e-6
+    wrapped = [(n, layer) for n, layer in model.named_modules() if isinstance(layer, QuantAdapterLinear)]
+    layers = {n: layer.adapters["default"] for n, layer in wrapped}
+    assert [layers[f"model.layers.{i}.self_attn.q_proj"].r for i in (0, 1)] == [2, 2]
+    assert [layers[f"model.layers.{i}.mlp.down_proj"].r for i in (0, 1)] == [4, 8]
+    assert [layers[f"model.layers.{i}.self_attn.q_proj"].scaling for i in (0, 1)] == [3.0 / 2, 16 / 2]
+    # Written back by qadapt, PEFT reads the same per-layer shapes and computes the same outputs.
+    qadapt.save_peft_adapter(model, tmp_path / "back")
+    saved = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == patterns["rank_pattern"] and saved["alpha_pattern"] == patterns["alpha_pattern"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "back").eval()
+    with torch.no_grad():
+        assert relative(model_output(reloaded, token_ids()), expected) <= 1e-6

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import model_checksum
-from peft import LoraConfig, OFTConfig, PeftModel, RandLoraConfig, get_peft_model
+from peft import (
+    BOFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    PeftModel,
+    RandLoraConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from safetensors.torch import load_file, save_file
 from tiny_models import model_output, perturb_adapters, tiny_llama, token_ids
 from torch import nn
@@ -24,8 +35,26 @@ METHODS = [
     ("randlora", {"r": 8, "save_projection": False}),
     ("lora", {"r": 4, "alpha": 16}),
     ("dora", {"r": 4, "use_rslora": True}),
+    ("ia3", {"feedforward_modules": ["down_proj"]}),
+    ("vera", {"r": 8}),
+    ("vera", {"r": 8, "save_projection": False, "projection_prng_key": 7}),
+    ("loha", {"r": 4, "alpha": 6, "rank_pattern": {"down_proj": 2}}),
+    ("lokr", {"r": 2, "decompose_both": True, "alpha_pattern": {"v_proj": 5.0}}),
+    ("boft", {"block_size": 8}),
 ]
-METHOD_IDS = ["oft", "randlora", "randlora-regenerated", "lora", "dora"]
+METHOD_IDS = [
+    "oft",
+    "randlora",
+    "randlora-regenerated",
+    "lora",
+    "dora",
+    "ia3",
+    "vera",
+    "vera-regenerated",
+    "loha",
+    "lokr",
+    "boft",
+]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,8 +113,30 @@ def test_qadapt_to_peft_and_back(tmp_path: Path, method: str, options: dict, bac
         LoraConfig(target_modules=TARGETS, r=4, lora_alpha=16, init_lora_weights=False),
         LoraConfig(target_modules=TARGETS, r=8, use_rslora=True, init_lora_weights="gaussian", lora_dropout=0.1),
         LoraConfig(target_modules=TARGETS, r=4, use_dora=True, init_lora_weights=False),
+        IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"], init_ia3_weights=False),
+        IA3Config(target_modules=TARGETS, feedforward_modules=r".*\.mlp\..*", init_ia3_weights=False),
+        VeraConfig(target_modules=TARGETS, r=8, init_weights=False, vera_dropout=0.1),
+        VeraConfig(target_modules=TARGETS, r=8, init_weights=False, save_projection=False, projection_prng_key=3),
+        LoHaConfig(target_modules=TARGETS, r=4, alpha=8, init_weights=False, rank_pattern={"q_proj": 2}),
+        LoKrConfig(target_modules=TARGETS, r=2, decompose_both=True, init_weights=False, decompose_factor=4),
+        BOFTConfig(target_modules=TARGETS, boft_block_size=0, boft_block_num=8, init_weights=False),
     ],
-    ids=["oft-block-size", "oft-r-exact-cayley", "randlora", "randlora-regenerated", "lora", "lora-rslora", "dora"],
+    ids=[
+        "oft-block-size",
+        "oft-r-exact-cayley",
+        "randlora",
+        "randlora-regenerated",
+        "lora",
+        "lora-rslora",
+        "dora",
+        "ia3",
+        "ia3-regex",
+        "vera",
+        "vera-regenerated",
+        "loha",
+        "lokr",
+        "boft",
+    ],
 )
 def test_peft_to_qadapt(tmp_path: Path, peft_config):
     ids = token_ids()
@@ -93,7 +144,9 @@ def test_peft_to_qadapt(tmp_path: Path, peft_config):
     peft_model = get_peft_model(tiny_llama(), peft_config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if param.requires_grad and any(key in name for key in ("randlora_gamma", "lora_B", "magnitude")):
+            if param.requires_grad and any(
+                key in name for key in ("randlora_gamma", "lora_B", "magnitude", "vera_lambda_b")
+            ):
                 param.mul_(1 + 0.1 * torch.randn_like(param)).add_(0.01 * torch.randn_like(param))
     peft_model.eval()
     with torch.no_grad():
@@ -131,9 +184,9 @@ def as_written_by_peft(directory: Path) -> None:
     ("changes", "message"),
     [
         (
-            {"peft_type": "VERA"},
-            r"no installed qadapt method reads PEFT adapters of type 'VERA' with this config; supported types: "
-            r"LORA, OFT, RANDLORA",
+            {"peft_type": "ADALORA"},
+            r"no installed qadapt method reads PEFT adapters of type 'ADALORA' with this config; supported types: "
+            r"BOFT, IA3, LOHA, LOKR, LORA, OFT, RANDLORA, VERA",
         ),
         ({"bias": "all"}, r"unsupported PEFT settings: bias='all'"),
         ({"oft_block_size": 8}, r"q_proj.weight' has shape \(4, 120\) in the PEFT adapter, \(8, 28\) in the model"),

@@ -198,6 +198,12 @@ def test_core_source_never_names_a_plugin_package():
             "qadapt_randlora",
             "qadapt_lora",
             "qadapt_scales",
+            "qadapt_ia3",
+            "qadapt_vera",
+            "qadapt_loha",
+            "qadapt_lokr",
+            "qadapt_lycoris",
+            "qadapt_boft",
             "qadapt_torchao",
             "qadapt_hqq",
             "bitsandbytes",
@@ -236,13 +242,26 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
     assert top_level <= {
         "qadapt",
         "qadapt_bnb",
+        "qadapt_boft",
         "qadapt_hqq",
+        "qadapt_ia3",
+        "qadapt_loha",
+        "qadapt_lokr",
         "qadapt_lora",
+        "qadapt_lycoris",
         "qadapt_oft",
         "qadapt_randlora",
         "qadapt_scales",
         "qadapt_torchao",
+        "qadapt_vera",
     }
     assert {"qadapt_torchao", "qadapt_hqq"} <= top_level
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
     assert "torchao = qadapt_torchao.backend:TorchaoBackend" in registered and "hqq = qadapt_hqq.backend" in registered
+
+
+def test_qadapt_ships_eleven_methods():
+    builtin = {info.name for info in registry.plugins("methods") if info.distribution == "qadapt" and info.ok}
+    assert builtin == {
+        "oft", "randlora", "lora", "dora", "qalora", "scales", "ia3", "vera", "loha", "lokr", "boft"
+    }  # fmt: skip

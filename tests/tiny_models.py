@@ -10,10 +10,11 @@ VOCAB = 128
 
 
 def tiny_llama(
-    seed: int = 0, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int | None = None
+    seed: int = 0, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int | None = None, bias: bool = False
 ) -> LlamaForCausalLM:
     """A ``num_layers``-layer Llama (default 2), hidden ``hidden_size``, MLP ``intermediate_size``
-    (default twice the hidden size), float32, eval mode, seeded init."""
+    (default twice the hidden size), float32, eval mode, seeded init; ``bias``: every attention and
+    MLP projection has a bias."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -23,6 +24,8 @@ def tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -21,8 +21,8 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from qadapt.errors import ConfigError
-from qadapt.protocols import Backend, BackendCapabilities, PluginOptions, QuantizedWeight
+from qadapt.errors import CapabilityError, ConfigError
+from qadapt.protocols import Backend, BackendCapabilities, GroupLayout, PluginOptions, QuantizedWeight
 
 if importlib.util.find_spec("hqq") is None:
     raise ModuleNotFoundError("No module named 'hqq'", name="hqq")
@@ -88,7 +88,7 @@ class HqqBackend(Backend):
     """
 
     Options = HqqOptions
-    capabilities = BackendCapabilities(keep_state=True)
+    capabilities = BackendCapabilities(keep_state=True, group_offsets=True)
 
     def owns(self, module: nn.Module) -> bool:
         if "hqq" not in sys.modules or not isinstance(module, _hqq().HQQLinear) or not module.is_initialized():
@@ -188,6 +188,35 @@ class HqqBackend(Backend):
         plain["shape"] = tuple(plain["shape"])
         plain.update({key: m[key] for key in _QUANT_KEYS})
         return QuantizedWeight({"W_q": w_q, "scale": meta["scale"], "zero": meta["zero"]}, plain)
+
+    # ------------------------------------------------------------ per-group zero points (group_offsets)
+
+    def group_layout(self, storage: QuantizedWeight) -> GroupLayout:
+        """``axis=1``: runs of ``group_size`` consecutive weights of a row (a whole row without a group size)."""
+        m = storage.meta
+        if m["axis"] != 1:
+            raise CapabilityError(
+                "hqq groups along axis=0 are runs down the columns, not runs of the row-major weight; per-group "
+                "zero points are offered for axis=1"
+            )
+        out_f, in_f = m["shape"]
+        size = m["group_size"] or in_f
+        return GroupLayout(group_size=size, num_groups=out_f * in_f // size)
+
+    def get_group_offsets(self, storage: QuantizedWeight) -> torch.Tensor:
+        """``−zero · scale`` per group (``W = (q − zero) · scale = q · scale + offset``), float32 ``[num_groups]``."""
+        self.group_layout(storage)
+        t = storage.tensors
+        return (-t["zero"].float() * t["scale"].float()).flatten()
+
+    def with_group_offsets(self, storage: QuantizedWeight, offsets: torch.Tensor) -> QuantizedWeight:
+        """New zeros ``−offset / scale`` in the zeros' dtype (their rounding is the format's); codes and scales kept."""
+        self.group_layout(storage)
+        t = storage.tensors
+        zero = (-offsets.float().reshape(t["zero"].shape).to(t["scale"].device) / t["scale"].float()).to(
+            t["zero"].dtype
+        )
+        return QuantizedWeight({**t, "zero": zero}, dict(storage.meta))
 
     def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         """Codes ``round(W / scale + zero)`` in ``like``'s groups, packed by hqq; scale and zero kept as they are."""

@@ -14,6 +14,7 @@ import torch
 
 from qadapt.errors import CheckpointError
 from qadapt_lora.method import DoraMethod
+from qadapt_lora.qalora import QALoraMethod
 
 #: ``peft_type`` in PEFT's ``adapter_config.json``.
 PEFT_TYPE = "LORA"
@@ -21,13 +22,10 @@ PEFT_TYPE = "LORA"
 PEFT_LAYER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 _RENAMED = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}
-_SAME = ("r", "use_rslora")
+_SAME = ("r", "use_rslora", "rank_pattern", "alpha_pattern")
 #: PEFT config fields whose non-empty values change the math in ways qadapt does not reproduce.
 _UNSUPPORTED = (
-    "rank_pattern",
-    "alpha_pattern",
     "lora_bias",
-    "use_qalora",
     "layer_replication",
     "alora_invocation_tokens",
     "arrow_config",
@@ -42,8 +40,11 @@ _INITS = (True, False, "gaussian")
 
 
 def accepts_peft(method: type, config: Mapping[str, Any]) -> bool:
-    """``dora`` reads ``use_dora=True`` LoRA configs, ``lora`` the others."""
-    return bool(config.get("use_dora", False)) == issubclass(method, DoraMethod)
+    """``qalora`` reads ``use_qalora=True`` LoRA configs, ``dora`` ``use_dora=True`` ones, ``lora`` the others."""
+    qalora = bool(config.get("use_qalora", False))
+    if qalora != issubclass(method, QALoraMethod):
+        return False
+    return qalora or bool(config.get("use_dora", False)) == issubclass(method, DoraMethod)
 
 
 def options_from_peft(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,10 +55,14 @@ def options_from_peft(config: Mapping[str, Any]) -> dict[str, Any]:
             f"init_lora_weights={config['init_lora_weights']!r} (only True, False or 'gaussian': the others "
             "change the base weight or need data)"
         )
+    if config.get("use_qalora") and config.get("use_dora"):
+        problems.append("use_qalora=True with use_dora=True (PEFT does not combine them either)")
     if problems:
         raise CheckpointError("unsupported PEFT LoRA settings: " + "; ".join(problems))
-    options = {name: config[name] for name in _SAME if name in config}
+    options = {name: config[name] for name in _SAME if name in config and config[name] is not None}
     options.update({name: config[peft] for peft, name in _RENAMED.items() if peft in config})
+    if config.get("use_qalora"):
+        options["group_size"] = config.get("qalora_group_size", 16)
     return options
 
 
@@ -66,7 +71,12 @@ def options_to_peft(options: Mapping[str, Any], layers: Mapping[str, Mapping[str
     config = {name: options[name] for name in _SAME if name in options}
     config.update({peft: options[name] for peft, name in _RENAMED.items() if name in options})
     config["use_dora"] = any("magnitude" in state for state in layers.values())
-    config.update(rank_pattern={}, alpha_pattern={}, lora_bias=False)
+    config["use_qalora"] = "group_size" in options
+    if "group_size" in options:
+        config["qalora_group_size"] = options["group_size"]
+    config.setdefault("rank_pattern", {})
+    config.setdefault("alpha_pattern", {})
+    config["lora_bias"] = False
     return config
 
 

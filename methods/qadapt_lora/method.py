@@ -10,13 +10,15 @@ i.e. the layer ``(m / n) ⊙ V`` plus the bias; merged ``W' = (m / n) ⊙ V``. `
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qadapt.errors import AdapterStateError, ArgumentTypeError, ConfigError
 from qadapt.protocols import BaseForward, BaseLayer, Method, RowMerger
-from qadapt_lora.options import LoraOptions
+from qadapt_lora.options import LoraOptions, pattern_value, scaling
 
 
 class LoraAdapter(nn.Module):
@@ -71,18 +73,38 @@ class LoraMethod(Method):
     options: LoraOptions
     adapter_class: type[LoraAdapter] = LoraAdapter
 
+    def __init__(self, options: LoraOptions | dict | None = None) -> None:
+        super().__init__(options)
+        #: This layer's rank and alpha (``rank_pattern`` / ``alpha_pattern`` resolved by :meth:`for_layer`).
+        self.r: int = self.options.r
+        self.alpha: float = self.options.alpha
+
+    def for_layer(self, name: str) -> LoraMethod:
+        r = int(pattern_value(self.options.rank_pattern, name, self.options.r))
+        alpha = float(pattern_value(self.options.alpha_pattern, name, self.options.alpha))
+        if (r, alpha) == (self.r, self.alpha):
+            return self
+        layer_method = copy.copy(self)
+        layer_method.r, layer_method.alpha = r, alpha
+        return layer_method
+
     def create_adapter(self, in_features: int, out_features: int, shared: nn.Module | None) -> LoraAdapter:
         opts = self.options
-        adapter = self.adapter_class(in_features, out_features, opts.r, opts.scaling, opts.dropout)
+        layer_scaling = scaling(self.alpha, self.r, opts.use_rslora)
+        adapter = self._new_adapter(in_features, out_features, layer_scaling)
         with torch.no_grad():
             if opts.init_weights == "gaussian":
-                nn.init.normal_(adapter.lora_A.weight, std=1 / opts.r)
+                nn.init.normal_(adapter.lora_A.weight, std=1 / self.r)
             elif opts.init_weights:
                 # nn.Linear's own init, drawn a second time as PEFT does (keeps seeded runs equal).
                 nn.init.kaiming_uniform_(adapter.lora_A.weight, a=5**0.5)
             if opts.init_weights is not False:
                 nn.init.zeros_(adapter.lora_B.weight)
         return adapter
+
+    def _new_adapter(self, in_features: int, out_features: int, scaling: float) -> LoraAdapter:
+        """The adapter module, before the initialisation (created in PEFT's order)."""
+        return self.adapter_class(in_features, out_features, self.r, scaling, self.options.dropout)
 
     def forward(self, adapter: nn.Module, x: torch.Tensor, base_forward: BaseForward) -> torch.Tensor:
         adapter = _as(adapter, LoraAdapter, self)

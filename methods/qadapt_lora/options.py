@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from qadapt.protocols import PluginOptions
 
@@ -26,7 +28,44 @@ class LoraOptions(PluginOptions):
         ),
     )
 
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Per-layer ranks: {pattern: r}; a pattern is a regex matched against the end of a layer's name at a dot "
+            "boundary (PEFT's rule); the first matching pattern wins."
+        ),
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer alphas: {pattern: alpha}, matched as rank_pattern."
+    )
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        for key, number in value.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"{info.field_name} key {key!r} is not a valid regular expression: {exc}") from None
+            if info.field_name == "rank_pattern" and number < 1:
+                raise ValueError(f"rank_pattern ranks must be at least 1; got {key!r}: {number}")
+        return value
+
     @property
     def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+        """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (the defaults, before any pattern)."""
+        return scaling(self.alpha, self.r, self.use_rslora)
+
+
+def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+    return alpha / (r**0.5 if use_rslora else r)
+
+
+def pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
+    """The value of the first pattern matching the end of ``name`` at a dot boundary (PEFT 0.21.2's
+    ``get_pattern_key``), else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

@@ -59,13 +59,22 @@ class AdapterSource:
         return shared
 
     def adapter_for(
-        self, layer: str, shape: tuple[int, int], shared: nn.Module | None, backend: Backend, storage: QuantizedWeight
+        self,
+        layer: str,
+        shape: tuple[int, int],
+        shared: nn.Module | None,
+        backend: Backend,
+        storage: QuantizedWeight,
+        method: Method | None = None,
     ) -> nn.Module:
-        """Layer ``layer``'s adapter module (eval mode) over bare ``storage``, loaded from the checkpoint."""
+        """Layer ``layer``'s adapter module (eval mode) over bare ``storage``, loaded from the checkpoint.
+
+        ``method``: the layer's method instance (default ``self.method.for_layer(layer)``)."""
         in_f, out_f = shape
-        self.method.check_layer(in_f, out_f)
-        adapter = self.method.create_adapter(in_f, out_f, shared)
-        self.method.init_adapter(adapter, BaseLayer(backend, storage=storage))
+        method = self.method.for_layer(layer) if method is None else method
+        method.check_layer(in_f, out_f)
+        adapter = method.create_adapter(in_f, out_f, shared)
+        method.init_adapter(adapter, BaseLayer(backend, storage=storage))
         state = self.read_layer(layer)
         try:
             adapter.load_state_dict(state, strict=True)

@@ -33,7 +33,7 @@ from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
 from qadapt.exporting.plan import Plan, Step, make_plan, mib, read_storage
 from qadapt.exporting.targets import resolve_target
 from qadapt.formats.hf_checkpoint import ShardWriter, parse_size, read_tensors
-from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merge_storage
+from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merge_storage, merged_bias
 from qadapt.merging.figures import FigureSums, check_finite, weight_figures
 from qadapt.merging.result import LayerFigures, MergeResult
 from qadapt.merging.rows import merge_rows_in_blocks
@@ -251,7 +251,9 @@ def _layer(
         backend, storage = read_storage(group, tensors, plan.readers, plan.base_qc)
     del tensors
     assert step.shape is not None
-    adapter = source.adapter_for(group.module, step.shape, shared, backend, storage) if step.adapted else None
+    method = source.method.for_layer(group.module) if step.adapted else source.method
+    adapter = source.adapter_for(group.module, step.shape, shared, backend, storage, method) if step.adapted else None
+    bias_adapter = adapter  # the branches below drop ``adapter`` once merged
     name = source.name
     what = f"merging adapter {name!r} into {group.module}"
     qc = None
@@ -259,7 +261,7 @@ def _layer(
         dtype = target.dtype
         if adapter is None:
             out = backend.dequantize(storage).to(dtype)
-        elif group.float_weight and (merge_rows := source.method.row_merger(adapter)) is not None:
+        elif group.float_weight and (merge_rows := method.row_merger(adapter)) is not None:
             weight_in = storage.tensors["weight"]
             figures = FigureSums("float32")
             blocks = merge_rows_in_blocks(weight_in, merge_rows, dtype, what, figures)
@@ -269,7 +271,7 @@ def _layer(
             del storage, adapter, weight_in
             out = None
         else:
-            weight, merged = float_merged_weight(backend, source.method, adapter, storage)
+            weight, merged = float_merged_weight(backend, method, adapter, storage)
             del storage, adapter  # the checkpoint tensors are no longer needed
             out = merged.to(dtype)
             error, retained = weight_figures(weight, merged, out, precision="float32")
@@ -297,14 +299,14 @@ def _layer(
             if adapter is None:
                 new = write(backend.dequantize(storage))
             else:
-                weight, merged = float_merged_weight(backend, source.method, adapter, storage)
+                weight, merged = float_merged_weight(backend, method, adapter, storage)
                 new, results[group.module] = convert_weight(
                     weight, merged, write, tb.dequantize, name=name, path="fresh", what=what
                 )
                 del weight, merged
             adapter = None  # merged already
         if adapter is not None:
-            new, results[group.module] = merge_storage(tb, source.method, adapter, new, name=name, **merge_kwargs)
+            new, results[group.module] = merge_storage(tb, method, adapter, new, name=name, **merge_kwargs)
         kept_base = plan.base_qc if backend.name == tb.name else None
         qc = tb.checkpoint_config(new, kept_base)
         tensors_out = tb.to_checkpoint(new)
@@ -312,5 +314,13 @@ def _layer(
         writer.add(f"{group.module}.{rel}", tensor)
     if group.bias is not None:
         cast = target.dtype if target.dtype is not None and group.bias.is_float else None
-        writer.add_streamed(group.bias.key, group.bias, cast)
+        new_bias = None
+        result = results.get(group.module)
+        if bias_adapter is not None and not (result is not None and result.reverted):
+            bias = read_tensors([group.bias])[group.bias.key]
+            new_bias = merged_bias(method, bias_adapter, bias, name=name)  # None: the method leaves the bias
+        if new_bias is None:
+            writer.add_streamed(group.bias.key, group.bias, cast)
+        else:
+            writer.add(group.bias.key, new_bias.to(cast or bias.dtype))
     return qc

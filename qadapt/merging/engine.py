@@ -87,6 +87,36 @@ def float_merged_weight(
 
 
 @torch.no_grad()
+def merged_bias(
+    method: Method,
+    adapter: nn.Module,
+    bias: torch.Tensor | None,
+    *,
+    name: str = "default",
+    safe: bool = True,
+    inverse: bool = False,
+) -> torch.Tensor | None:
+    """The bias ``[out]`` float32 of the merged layer (``inverse``: of the unmerged one), or None when the
+    method leaves the bias as it is (or the layer has none). See :meth:`Method.merge_bias`."""
+    if bias is None:
+        return None
+    hook = method.unmerge_bias if inverse else method.merge_bias
+    new = hook(adapter, bias.detach().float())
+    if new is None:
+        return None
+    if tuple(new.shape) != tuple(bias.shape):
+        member = "unmerge_bias" if inverse else "merge_bias"
+        raise ConfigError(
+            f"{method.name or type(method).__name__}.{member} returned shape {tuple(new.shape)} for a bias of "
+            f"shape {tuple(bias.shape)}"
+        )
+    new = new.float()
+    if safe:
+        check_finite(new, f"{'unmerging' if inverse else 'merging'} adapter {name!r} (bias)")
+    return new
+
+
+@torch.no_grad()
 def merge_storage(
     backend: Backend,
     method: Method,

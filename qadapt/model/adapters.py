@@ -55,10 +55,11 @@ def add_adapter(
     if not chosen:
         raise TargetError(f"no wrapped layer matched targets {shorten(targets)}; wrapped layers: {layers[0][0]}, ...")
     method_obj = _method_instance(method, method_options)
+    per_layer = {name: method_obj.for_layer(canonical[name]) for name, _ in chosen}
     problems = []
     for name, layer in chosen:
         try:
-            method_obj.check_layer(layer.in_features, layer.out_features)
+            per_layer[name].check_layer(layer.in_features, layer.out_features)
         except ConfigError as exc:
             problems.append(f"{name}: {exc}")
     if problems:
@@ -66,8 +67,8 @@ def add_adapter(
     with transaction(model) as tx:
         tx.keep_layers(layer for _, layer in layers)
         shared = method_obj.create_shared([(layer.in_features, layer.out_features) for _, layer in chosen])
-        for _, layer in chosen:
-            layer.add_adapter(adapter_name, method_obj, shared=shared)
+        for name, layer in chosen:
+            layer.add_adapter(adapter_name, per_layer[name], shared=shared)
             layer.adapters[adapter_name].train(layer.training)
         if shared is not None:
             shared_state(model)[adapter_name] = shared

@@ -25,7 +25,7 @@ from qadapt.errors import (
     TargetError,
     shorten,
 )
-from qadapt.merging.engine import merge_storage, unmerge_storage
+from qadapt.merging.engine import merge_storage, merged_bias, unmerge_storage
 from qadapt.merging.result import MergeResult, RequantizeMode
 from qadapt.model import distributed
 from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, QuantizedWeight
@@ -57,6 +57,10 @@ class _MergedState:
     #: the guard kept the old storage (the merge would have been worse than no adapter): the
     #: layer runs the plain base, and unmerging has no weight to change.
     reverted: bool = False
+    #: the merge swapped in a new bias (:meth:`Method.merge_bias`); ``old_bias`` is the one it replaced
+    #: (the same object, never written), which an exact unmerge puts back.
+    bias_changed: bool = False
+    old_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,6 +76,8 @@ class LayerState:
     active: str | None
     enabled: bool
     grad_flags: list[tuple[nn.Parameter, bool]]
+    #: the base's bias object (a merge may swap in another, see :meth:`Method.merge_bias`).
+    bias: torch.Tensor | None = None
 
 
 def adapter_digest(adapter: nn.Module) -> str:
@@ -369,9 +375,10 @@ class QuantAdapterLinear(nn.Module):
             )
         storage = self.backend.get_storage(self.base)
         adapter = self.adapters[name]
+        method = self.methods[name]
         new_storage, result = merge_storage(
             self.backend,
-            self.methods[name],
+            method,
             adapter,
             storage,
             name=name,
@@ -381,11 +388,20 @@ class QuantAdapterLinear(nn.Module):
             safe=safe,
             tune_steps=tune_steps,
         )
+        old_bias = self.bias_tensor
+        new_bias = None
+        if not result.reverted:  # a reverted merge leaves the layer as it was, bias included
+            new_bias = merged_bias(method, adapter, old_bias, name=name, safe=safe)
+        new_bias = None if new_bias is None else _bias_like(new_bias, old_bias)
         snapshot = storage.clone() if keep_snapshot else None
         self.backend.set_storage(self.base, new_storage)
         self._storage_writes += 1
+        if new_bias is not None:
+            self._swap_bias(new_bias)
         grad_flags = {key: p.requires_grad for key, p in adapter.named_parameters()}
-        self._merged = _MergedState(name, snapshot, adapter_digest(adapter), grad_flags, result.reverted)
+        self._merged = _MergedState(
+            name, snapshot, adapter_digest(adapter), grad_flags, result.reverted, new_bias is not None, old_bias
+        )
         adapter.requires_grad_(False)
         return result
 
@@ -418,6 +434,8 @@ class QuantAdapterLinear(nn.Module):
                 )
             self.backend.restore(self.base, state.snapshot)
             self._storage_writes += 1
+            if state.bias_changed:
+                self._swap_bias(state.old_bias)
         else:
             self._check_can_merge()
             if state.digest is not None and adapter_digest(adapter) != state.digest:
@@ -428,8 +446,13 @@ class QuantAdapterLinear(nn.Module):
             storage = self.backend.get_storage(self.base)
             method = self.methods[state.adapter]
             restored = unmerge_storage(self.backend, method, adapter, storage, name=state.adapter, safe=safe)
+            bias = self.bias_tensor
+            restored_bias = merged_bias(method, adapter, bias, name=state.adapter, safe=safe, inverse=True)
+            restored_bias = None if restored_bias is None else _bias_like(restored_bias, bias)
             self.backend.set_storage(self.base, restored)
             self._storage_writes += 1
+            if restored_bias is not None:
+                self._swap_bias(restored_bias)
         self._thaw(state)
         self._merged = None
 
@@ -451,6 +474,7 @@ class QuantAdapterLinear(nn.Module):
             active=self.active_adapter,
             enabled=self.adapters_enabled,
             grad_flags=[(p, p.requires_grad) for p in self.adapters.parameters()],
+            bias=self.bias_tensor,
         )
 
     def restore_state(self, state: LayerState) -> None:
@@ -458,6 +482,8 @@ class QuantAdapterLinear(nn.Module):
         if self._storage_writes != state.storage_writes:  # only a layer that wrote its storage swaps it back
             self.backend.set_storage(self.base, state.storage)
             self._storage_writes = state.storage_writes
+        if self.bias_tensor is not state.bias:
+            self._swap_bias(state.bias)
         if list(self.adapters.items()) != list(state.adapters.items()):
             for name in list(self.adapters):
                 del self.adapters[name]
@@ -469,6 +495,20 @@ class QuantAdapterLinear(nn.Module):
         self._merged = state.merged
         for param, flag in state.grad_flags:
             param.requires_grad_(flag)
+
+    # ------------------------------------------------------------------- bias
+
+    @property
+    def bias_tensor(self) -> torch.Tensor | None:
+        """The base layer's bias ``[out]`` as the backend's module holds it (a parameter or a plain tensor), or None."""
+        return getattr(self.base, "bias", None)
+
+    def _swap_bias(self, bias: torch.Tensor | None) -> None:
+        """Make ``bias`` the base's bias object (a swap, like storage: the old tensor is never written)."""
+        if "bias" in self.base._parameters:
+            self.base._parameters["bias"] = bias
+        else:
+            self.base.bias = bias
 
     # ----------------------------------------------------------- state dicts
 
@@ -568,6 +608,13 @@ def _describe(value: Any) -> str:
         return type(value).__name__
     text = f"{value.dtype} {tuple(value.shape)}"
     return text + f" holding {value.item()}" if value.numel() == 1 else text
+
+
+def _bias_like(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """``value`` as a bias object of ``like``'s kind, dtype and device (a frozen parameter for a parameter)."""
+    assert like is not None
+    tensor = value.detach().to(device=like.device, dtype=like.dtype)
+    return nn.Parameter(tensor, requires_grad=False) if isinstance(like, nn.Parameter) else tensor
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:

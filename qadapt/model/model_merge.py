@@ -22,7 +22,7 @@ from torch import nn
 
 from qadapt import registry
 from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, shorten, warn
-from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight
+from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merged_bias
 from qadapt.merging.figures import kept_share
 from qadapt.merging.result import LayerFigures, MergeResult, RequantizeMode
 from qadapt.model import integrations
@@ -355,6 +355,22 @@ def _merged_float(layer: QuantAdapterLinear) -> tuple[torch.Tensor, torch.Tensor
     return weight, merged, name
 
 
+def _biases(layer: QuantAdapterLinear, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(b, b')``: the layer's unmerged bias and the bias of its exact float merge with ``adapter`` (the
+    same tensor for a method that leaves the bias, see :meth:`Method.merge_bias`), to go with
+    :func:`_merged_float`'s ``(W, W')``."""
+    bias = layer.bias_tensor
+    state = layer.merged_state
+    if adapter == "(none)" or bias is None:
+        return bias, bias
+    if state is not None and not state.reverted:
+        if state.snapshot is None:  # W' = W: the merged layer as it is
+            return bias, bias
+        return (state.old_bias if state.bias_changed else bias), bias
+    merged = merged_bias(layer.methods[adapter], layer.adapters[adapter], bias, name=adapter)
+    return bias, (bias if merged is None else merged)
+
+
 def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     out_f, in_f = weight.shape
     linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=dtype)
@@ -374,20 +390,25 @@ def _convert(
     results: dict[str, MergeResult] = {}
     for name, layer in progress(layers, "qadapt unwrap"):
         weight, merged, adapter = _merged_float(layer)
-        bias = getattr(layer.base, "bias", None)
+        base_bias, merged_b = _biases(layer, adapter)
+
+        # convert_weight writes the merged weight, and the base weight for its guard: each with its bias.
+        def bias_for(w: torch.Tensor, merged: torch.Tensor = merged, pair: tuple = (base_bias, merged_b)) -> Any:
+            return pair[1] if w is merged else pair[0]
+
         if target is None:
             path = "float"
 
-            def write(w: torch.Tensor, bias: torch.Tensor | None = bias) -> nn.Module:
-                return _float_linear(w, bias, dtype)
+            def write(w: torch.Tensor, bias_for: Any = bias_for) -> nn.Module:
+                return _float_linear(w, bias_for(w), dtype)
 
             def read(module: nn.Module) -> torch.Tensor:
                 return module.weight.float()
         else:
             path, quantizer = f"to:{target.name or type(target).__name__}", target
 
-            def write(w: torch.Tensor, bias: torch.Tensor | None = bias, quantizer: Backend = quantizer) -> nn.Module:
-                return quantizer.quantize(_float_linear(w, bias, torch.float32))
+            def write(w: torch.Tensor, bias_for: Any = bias_for, quantizer: Backend = quantizer) -> nn.Module:
+                return quantizer.quantize(_float_linear(w, bias_for(w), torch.float32))
 
             def read(module: nn.Module, quantizer: Backend = quantizer) -> torch.Tensor:
                 return quantizer.dequantize_module(module)

@@ -22,7 +22,7 @@ from qadapt.errors import ArgumentTypeError, ConfigError, LayerFitError, PluginE
 from qadapt.model import integrations
 from qadapt.model.layer import QuantAdapterLinear
 from qadapt.model.layers import adapter_layers, progress, shared_state
-from qadapt.model.targeting import Targets, as_pattern_list, select_targets
+from qadapt.model.targeting import Targets, as_pattern_list, canonical_names, select_targets
 from qadapt.model.transaction import Transaction, transaction
 from qadapt.protocols import Backend, Method
 from qadapt.registry.reference import FloatBackend
@@ -109,6 +109,8 @@ class _Target:
     backend: Backend
     in_features: int
     out_features: int
+    #: the method instance for this layer (:meth:`Method.for_layer` of its canonical name).
+    method: Method
 
 
 def _features(module: nn.Module, backend: Backend) -> tuple[int, int]:
@@ -127,8 +129,10 @@ def plan_targets(
             :class:`LayerFitError` (also a ConfigError) when a ``check_layer`` refused any.
     """
     found = select_targets(model, targets, exclude, choice.is_linear, lambda m: isinstance(m, QuantAdapterLinear))
+    canonical = canonical_names(model)
     plan, problems, config_problems = [], [], 0
     for name, module in found:
+        layer_method = method.for_layer(canonical.get(name, name))
         try:
             backend = choice.pick(name, module)
         except TargetError:
@@ -142,7 +146,9 @@ def plan_targets(
             problems.append(f"{name} ({in_f} -> {out_f}): a zero-sized layer has nothing to adapt")
             continue
         # The backend's options matter only for the float layers it will quantize.
-        checks = [method.check_layer] if backend.owns(module) else [backend.check_layer, method.check_layer]
+        checks = [layer_method.check_layer]
+        if not backend.owns(module):
+            checks.insert(0, backend.check_layer)
         misfits = []
         for check in checks:
             try:
@@ -153,7 +159,7 @@ def plan_targets(
             problems += misfits
             config_problems += len(misfits)
             continue
-        plan.append(_Target(name, module, backend, in_f, out_f))
+        plan.append(_Target(name, module, backend, in_f, out_f, layer_method))
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         # An option that does not fit a layer is a config problem too: catchable as either.
@@ -321,7 +327,7 @@ def wrap_resolved(
         layers = []
         for target in progress(plan, "qadapt wrap"):
             layer = QuantAdapterLinear(
-                target.module, method, target.backend, adapter_name=cfg.adapter_name, shared=shared
+                target.module, target.method, target.backend, adapter_name=cfg.adapter_name, shared=shared
             )
             # New modules start in training mode; keep the mode of the layer they replace (quantized
             # kernels such as bitsandbytes' int8 take a different path in eval mode).

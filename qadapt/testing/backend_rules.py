@@ -361,6 +361,43 @@ def check_group_scales(
     assert error <= tolerance, f"rescaling one group moved the others by {error:.2e}"
 
 
+def check_group_offsets(
+    backend: Backend | str,
+    *,
+    options: Any = None,
+    in_features: int = 64,
+    out_features: int = 48,
+    seed: int = 0,
+    tolerance: float = 1e-5,
+) -> None:
+    """With ``capabilities.group_offsets``: the offsets are float32 ``[num_groups]``, the round trip keeps the
+    weight, and shifting one group's offset by ``δ`` adds ``δ`` to that group's weights and, up to
+    ``tolerance`` (the format's rounding of zero points), changes nothing else."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.group_offsets:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    storage = backend.get_storage(module)
+    before = storage.clone()
+    weight = backend.dequantize(storage)
+    layout = backend.group_layout(storage)
+    offsets = backend.get_group_offsets(storage)
+    assert offsets.shape == (layout.num_groups,), f"get_group_offsets() shape {tuple(offsets.shape)}"
+    assert offsets.dtype == torch.float32, f"get_group_offsets() must return float32, got {offsets.dtype}"
+    error = _relative(backend.dequantize(backend.with_group_offsets(storage, offsets)), weight)
+    assert error <= tolerance, f"with_group_offsets(get_group_offsets()) moves the weight by {error:.2e}"
+    group = layout.num_groups // 2
+    shift = torch.zeros(layout.num_groups)
+    shift[group] = float(weight.abs().max()) * 0.25
+    changed = backend.dequantize(backend.with_group_offsets(storage, offsets + shift))
+    assert storage.equal(before), "with_group_offsets() modified its storage"
+    inside = layout.expand(shift, tuple(weight.shape)) != 0
+    error = _relative(changed[inside], weight[inside] + shift[group])
+    assert error <= tolerance, f"the shifted group is off by {error:.2e} (a zero point in the wrong group, or scaled)"
+    error = _relative(changed[~inside], weight[~inside])
+    assert error <= tolerance, f"shifting one group's offset moved the others by {error:.2e}"
+
+
 def check_calibrated_requantize(
     backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
 ) -> None:
@@ -508,6 +545,7 @@ def backend_checks() -> list[BackendCheck]:
         check_low_precision_inputs,
         check_keep_state_requantize,
         check_group_scales,
+        check_group_offsets,
         check_calibrated_requantize,
         check_casts_keep_the_format,
         check_checkpoint_round_trip,

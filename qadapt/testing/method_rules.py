@@ -120,8 +120,19 @@ def check_merge_weight_matches_forward(
         )
         bias = layer.base.bias
         expected = layer.methods[name].forward(layer.adapters[name], x, float_base_layer(weight, bias))
-        error = _relative(F.linear(x, merged, bias), expected)
-    assert error <= tolerance, f"linear(merge_weight(W)) differs from the adapted forward by {error:.2e}"
+        new_bias = None if bias is None else layer.methods[name].merge_bias(layer.adapters[name], bias.float())
+        merged_b = bias if new_bias is None else new_bias
+        error = _relative(F.linear(x, merged, merged_b), expected)
+    changes = "merge_bias(b)" if new_bias is not None else "b"
+    assert error <= tolerance, (
+        f"linear(x, merge_weight(W), {changes}) differs from the adapted forward by {error:.2e}"
+        + (
+            "; a method whose output is not W'x + b for the base's own bias b (it scales the bias, say) "
+            "returns the merged bias from merge_bias()"
+            if new_bias is None
+            else ""
+        )
+    )
 
 
 def check_unmerge_weight_inverts_merge_weight(
@@ -161,6 +172,7 @@ def check_merge_protocol_through_layer(
     layer = _perturbed_layer(_method(method, options), backend, in_features, out_features, seed).eval()
     x = _input(in_features, seed)
     before = layer.backend.snapshot(layer.base)
+    bias_before = None if layer.bias_tensor is None else layer.bias_tensor.detach().clone()
     with torch.no_grad():
         unmerged = layer(x)
         result = layer.merge()
@@ -169,6 +181,8 @@ def check_merge_protocol_through_layer(
     assert error <= 3 * result.error + 1e-4, f"merged output differs by {error:.2e} (merge error {result.error:.2e})"
     layer.unmerge("exact")
     assert layer.backend.get_storage(layer.base).equal(before), "exact unmerge is not bit-identical"
+    if bias_before is not None:
+        assert torch.equal(layer.bias_tensor, bias_before), "exact unmerge did not give the bias back bit for bit"
 
 
 def check_row_merger_matches_merge_weight(
@@ -238,6 +252,79 @@ def check_check_layer_agrees_with_create_adapter(
             ) from None
 
 
+def _overrides(method: Method, member: str) -> bool:
+    return getattr(type(method), member) is not getattr(Method, member)
+
+
+def check_merge_bias_inverts(
+    method: Method | str,
+    *,
+    options: Any = None,
+    backend: str | Backend = "none",
+    in_features: int = 64,
+    out_features: int = 48,
+    seed: int = 0,
+    tolerance: float = 1e-5,
+) -> None:
+    """``merge_bias`` and ``unmerge_bias`` (optional, a pair): float32 ``[out]``, inputs left alone, the one
+    undoing the other. A method implementing neither passes (skipped: capability not declared)."""
+    method_obj = _method(method, options)
+    has = {member: _overrides(method_obj, member) for member in ("merge_bias", "unmerge_bias")}
+    if not any(has.values()):
+        return
+    if not all(has.values()):
+        given = next(m for m, v in has.items() if v)
+        lacking = next(m for m, v in has.items() if not v)
+        raise AssertionError(
+            f"{type(method_obj).__name__} implements {given} but not {lacking}: a merged bias that cannot be "
+            "taken out breaks the inverse unmerge (they come as a pair)"
+        )
+    layer = _perturbed_layer(method_obj, backend, in_features, out_features, seed)
+    name = layer.active_adapter
+    adapter, layer_method = layer.adapters[name], layer.methods[name]
+    with torch.no_grad():
+        bias = layer.base.bias.detach().float().clone()
+        kept = bias.clone()
+        merged = layer_method.merge_bias(adapter, bias)
+        assert torch.equal(bias, kept), "merge_bias() modified its input"
+        if merged is None:
+            return  # this layer's bias is left as it is (an IA³ feed-forward layer, say)
+        assert merged.dtype == torch.float32 and merged.shape == bias.shape, (
+            f"merge_bias() returned {merged.dtype} {tuple(merged.shape)}; the contract is float32 {tuple(bias.shape)}"
+        )
+        merged_kept = merged.clone()
+        restored = layer_method.unmerge_bias(adapter, merged)
+        assert torch.equal(merged, merged_kept), "unmerge_bias() modified its input"
+    assert restored is not None, "merge_bias() changed the bias but unmerge_bias() returned None (bias unchanged)"
+    assert restored.dtype == torch.float32, f"unmerge_bias() returned {restored.dtype}; the contract is float32"
+    error = _relative(restored, bias)
+    assert error <= tolerance, f"unmerge_bias(merge_bias(b)) differs from b by {error:.2e}"
+
+
+def check_for_layer_keeps_the_method(
+    method: Method | str,
+    *,
+    options: Any = None,
+    names: tuple[str, ...] = ("proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"),
+) -> None:
+    """``for_layer(name)`` (optional) returns an instance of the method's own class with the same options
+    (a checkpoint describes every layer by one set of options) and leaves the method itself alone."""
+    method_obj = _method(method, options)
+    before = method_obj.options.model_dump(mode="json")
+    for name in names:
+        layer_method = method_obj.for_layer(name)
+        assert type(layer_method) is type(method_obj), (
+            f"for_layer({name!r}) returned a {type(layer_method).__name__}, not a {type(method_obj).__name__}: a "
+            "layer's method must be the registered plugin itself (checkpoints name it by its class)"
+        )
+        got = layer_method.options.model_dump(mode="json")
+        assert got == before, (
+            f"for_layer({name!r}) returned options {got}, the method has {before}: per-layer choices must come from "
+            "the layer's name under one set of options, so that a checkpoint's options describe every layer"
+        )
+    assert method_obj.options.model_dump(mode="json") == before, "for_layer() changed the method's own options"
+
+
 def method_checks() -> list[MethodCheck]:
     """Every method check, for ``pytest.mark.parametrize``."""
     return [
@@ -248,4 +335,6 @@ def method_checks() -> list[MethodCheck]:
         check_unmerge_weight_inverts_merge_weight,
         check_merge_protocol_through_layer,
         check_row_merger_matches_merge_weight,
+        check_merge_bias_inverts,
+        check_for_layer_keeps_the_method,
     ]
