@@ -237,6 +237,16 @@ class RowMergerIgnoresRows(AddDelta):
         return lambda weight_rows, rows: weight_rows + delta[: weight_rows.shape[0]]
 
 
+class TrustingCheckpoint(FloatBackend):
+    """from_checkpoint takes any float ``weight`` as it comes, whatever its length."""
+
+    def from_checkpoint(self, tensors, config):
+        weight = tensors.get("weight")
+        if set(tensors) != {"weight"} or not weight.dtype.is_floating_point:
+            return None
+        return QuantizedWeight({"weight": weight})
+
+
 class RequiredOptions(PluginOptions):
     scale: float = Field(description="No default: the suite must be told a value.")
     seed: int = 0
@@ -294,6 +304,11 @@ class NoDefaults(AddDelta):
             "check_row_merger_matches_merge_weight",
             "row_merger's rows differ from merge_weight's",
         ),
+        (
+            lambda: testing.check_backend(TrustingCheckpoint()),
+            "check_checkpoint_refuses_damaged_tensors",
+            "from_checkpoint() read a layer whose 'weight' is one element short instead of refusing it",
+        ),
     ],
     ids=[
         "buffer-adapter",
@@ -305,6 +320,7 @@ class NoDefaults(AddDelta):
         "detaching-backend",
         "bf16-merge",
         "row-merger-ignores-rows",
+        "trusting-checkpoint-reader",
     ],
 )
 def test_the_suite_names_the_rule_a_broken_plugin_breaks(run, rule, message):

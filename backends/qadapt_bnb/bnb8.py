@@ -23,7 +23,7 @@ from qadapt.protocols import (
     QuantizedWeight,
 )
 from qadapt_bnb.bnb4_codes import MIN_ROWS_PER_FEATURE, warn_few_rows
-from qadapt_bnb.hf_format import bnb_config
+from qadapt_bnb.hf_format import bnb_config, read_8bit
 
 #: bitsandbytes' int8 dequantize multiplies by this float32 constant (1 / 127), after the row scale.
 _INV_127 = torch.tensor(7.874015718698502e-3, dtype=torch.float32)
@@ -182,12 +182,10 @@ class Bnb8Backend(Backend):
     def from_checkpoint(
         self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
     ) -> QuantizedWeight | None:
-        cb, scb = tensors.get("weight"), tensors.get("SCB")
-        if cb is None or scb is None or cb.dtype != torch.int8 or set(tensors) - {"weight", "SCB", "weight_format"}:
+        read = read_8bit(tensors)  # SCB checked against the weight's rows before anything is dequantized
+        if read is None:
             return None
-        if "weight_format" in tensors and int(tensors["weight_format"]) != 0:
-            return None  # only row-major (0) is what bitsandbytes still reads
-        return QuantizedWeight({"CB": cb, "SCB": scb})
+        return QuantizedWeight({"CB": read[0], "SCB": read[1]})
 
     def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {

@@ -137,7 +137,7 @@ def _parse_description(header: str, path: Path) -> dict[str, Any]:
 def _check_config_file(directory: Path, metadata: dict[str, str], description: dict[str, Any], path: Path) -> None:
     """Refuse a ``qadapt_config.json`` that was not written with the weights file."""
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         return  # the weights file describes itself; the config is a copy for people and tools
     data = read_once(config_path, limit=MAX_CONFIG_BYTES)
     if CONFIG_DIGEST_KEY in metadata:
@@ -166,7 +166,7 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterCheckpoint:
 
 def _read_adapter_once(directory: Path) -> AdapterCheckpoint:
     path = directory / WEIGHTS_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         hint = (
             " (it looks like a PEFT adapter: use qadapt.load_peft_adapter)"
             if (directory / "adapter_config.json").is_file()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qadapt.errors import ConfigError
+from qadapt.errors import CheckpointError, ConfigError
 from qadapt.model.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, CalibrationStats, Method, QuantizedWeight
 from qadapt.testing.fixtures import _backend, _float_linear, _input, _quantized, _relative, _shares_memory
@@ -492,6 +492,36 @@ def check_checkpoint_round_trip(
     assert backend.from_checkpoint(foreign, None) is None, "from_checkpoint() must return None for a foreign layout"
 
 
+def _damaged(tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``tensor`` one element short and one element long (flattened), as a damaged file would hold it."""
+    flat = tensor.detach().reshape(-1)
+    return [("one element short", flat[:-1].clone()), ("one element long", torch.cat([flat, flat[-1:]]))]
+
+
+def check_checkpoint_refuses_damaged_tensors(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """With ``capabilities.checkpoint``: ``from_checkpoint`` checks every tensor against the layer's declared
+    shape and format before anything is dequantized. Each tensor of ``to_checkpoint`` cut one element short
+    or made one longer is refused (a ``CheckpointError``) or left to other backends (None), never read: a
+    short scale tensor would make the dequantize kernel read past its end."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.checkpoint:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    tensors = backend.to_checkpoint(backend.get_storage(module))
+    config = backend.checkpoint_config(backend.get_storage(module))
+    for key, tensor in tensors.items():
+        if tensor.numel() < 2:
+            continue
+        for what, damaged in _damaged(tensor):
+            try:
+                read = backend.from_checkpoint({**tensors, key: damaged}, config)
+            except CheckpointError:
+                continue
+            assert read is None, f"from_checkpoint() read a layer whose {key!r} is {what} instead of refusing it"
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
@@ -511,4 +541,5 @@ def backend_checks() -> list[BackendCheck]:
         check_calibrated_requantize,
         check_casts_keep_the_format,
         check_checkpoint_round_trip,
+        check_checkpoint_refuses_damaged_tensors,
     ]
