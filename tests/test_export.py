@@ -191,7 +191,7 @@ def test_cli_export(bases: dict[str, Path], tmp_path: Path, capsys: pytest.Captu
     assert main([*args, "--no-progress", "-v"]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in printed and "14 layer(s) merged" in printed
-    assert main(args) == 1
+    assert main(args) == 2
     assert "exists" in capsys.readouterr().err
 
 

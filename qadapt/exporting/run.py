@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadapt.errors import CheckpointError
+from qadapt.errors import CheckpointError, ConfigError
 from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
 from qadapt.exporting.output import OutputSlot, check_out, recover_stale
 from qadapt.exporting.plan import Plan, Step, make_plan, mib, read_storage
@@ -169,13 +169,21 @@ def export(
     """
     started = time.perf_counter()
     out = Path(out)
-    recovered = recover_stale(out)  # first: an OUT a killed overwrite left parked is back before it is checked
-    base_dir, adapter_dir = InputDirectory(base, "BASE"), InputDirectory(adapter, "ADAPTER")
-    check_out(out, {"BASE": base_dir.real, "ADAPTER": adapter_dir.real}, overwrite)
+    # The arguments first (nothing is read), then the paths.
     if requantize is not None:
         check_requantize_mode(requantize)
     shard_size = parse_size(max_shard_size, "max_shard_size")
+    if max_memory is not None:
+        parse_size(max_memory, "max_memory")
     target = resolve_target(to, backend_options)
+    if requantize is not None and target.dtype is not None:
+        raise ConfigError(
+            f"requantize={requantize!r} applies to quantized targets; target {to!r} is a float dtype (every layer is "
+            "merged in float32 and cast, nothing is requantized): leave requantize out"
+        )
+    recovered = recover_stale(out)  # first: an OUT a killed overwrite left parked is back before it is checked
+    base_dir, adapter_dir = InputDirectory(base, "BASE"), InputDirectory(adapter, "ADAPTER")
+    check_out(out, {"BASE": base_dir.real, "ADAPTER": adapter_dir.real}, overwrite)
     source = read_adapter_source(adapter_dir)
     plan, shared = make_plan(base_dir, source, target, max_memory)
     side_files, left_out = _side_files(base_dir)
