@@ -26,9 +26,13 @@ API_VERSION = 1
 
 
 class PluginOptions(BaseModel):
-    """Base of every plugin's options model: unknown keys are rejected, instances are frozen."""
+    """Base of every plugin's options model: unknown keys are rejected, instances are frozen, and no
+    float option is NaN or infinite (a plugin that means "no limit" says so with None, not ``inf``).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Bound every numeric option on both sides (``ge``/``gt`` and ``le``/``lt``): an option's value
+    comes from config files and checkpoints, and sizes allocations (``r=2**40``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

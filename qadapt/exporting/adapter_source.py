@@ -47,6 +47,9 @@ class AdapterSource:
     backend: PluginSpec | None = None
     #: bytes of the tensors held for the whole export (shared state).
     held_bytes: int = 0
+    #: layer name -> the shapes of its adapter state as the file holds them, without reading data
+    #: (PEFT sources, which record no layer shapes: checked against the base before anything is made).
+    state_shapes: Callable[[str], dict[str, tuple[int, ...]]] | None = None
 
     def create_shared(self, shapes: list[tuple[int, int]]) -> nn.Module | None:
         """The method's shared state for these layer shapes, with the checkpoint's saved tensors put in."""
@@ -164,6 +167,11 @@ def _peft_source(inputs: InputDirectory) -> AdapterSource:
             tensors[suffix] = read_tensor(entry)
         return StrictMapping(tensors, f"{weights}: {where}")
 
+    def state_shapes(name: str) -> dict[str, tuple[int, ...]]:
+        metas = {suffix: torch.empty(entries[key].shape, device="meta") for suffix, key in layer_keys[name].items()}
+        state = hooks.layer_from_peft(StrictMapping(metas, f"{weights}: layer {name}"))
+        return {key: tuple(t.shape) for key, t in state.items()}
+
     model_level = read(model_keys, "model-level")
     shared_from = getattr(hooks, "shared_from_peft", None)
     shared = dict(shared_from(peft_config, model_level)) if shared_from is not None else {}
@@ -178,6 +186,7 @@ def _peft_source(inputs: InputDirectory) -> AdapterSource:
         shared,
         None,
         held_bytes=sum(t.numel() * t.element_size() for t in shared.values()),
+        state_shapes=state_shapes,
     )
 
 

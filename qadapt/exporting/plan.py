@@ -18,6 +18,7 @@ from qadapt import registry
 from qadapt.errors import CapabilityError, CheckpointError, ConfigError, PluginError, shorten
 from qadapt.exporting.adapter_source import AdapterSource
 from qadapt.exporting.targets import Target
+from qadapt.formats.adapter_layout import planned_shape_problems
 from qadapt.formats.checkpoint_files import MAX_CONFIG_BYTES, parse_json_object
 from qadapt.formats.hf_checkpoint import CHUNK_BYTES, TensorEntry, model_entries, parse_size, read_tensors
 from qadapt.formats.local_files import InputDirectory
@@ -392,6 +393,9 @@ def make_plan(
             shapes[group.module] = shape
             if is_adapted and (problem := _shape_problem(group.module, adapter, shape)) is not None:
                 problems.append(problem)
+            elif is_adapted and adapter.state_shapes is not None:
+                found = adapter.state_shapes(group.module)
+                problems += planned_shape_problems(adapter.method, *shape, found, group.module)
         step = Step(group, action, is_adapted, shapes.get(group.module))
         step.estimate = _estimate(step)
         steps.append(step)

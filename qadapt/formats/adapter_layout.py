@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from qadapt.formats.checkpoint_files import (
     read_once,
     read_pair,
 )
+from qadapt.protocols import Method
 
 WEIGHTS_FILE = "qadapt_adapter.safetensors"
 CONFIG_FILE = "qadapt_config.json"
@@ -60,6 +62,34 @@ def mismatch_problem(
     if bool((finite & ~torch.isfinite(saved.to(expected.dtype))).any()):
         return f"tensor {key!r} holds values that overflow the model's {expected.dtype} ({saved.dtype} in {where})"
     return None
+
+
+def planned_shape_problems(
+    method: Method, in_features: int, out_features: int, shapes: Mapping[str, tuple[int, ...]], layer: str
+) -> list[str]:
+    """How a file's tensor shapes (``shapes``: the adapter's state-dict keys) differ from the adapter
+    ``method`` builds for an ``in_features -> out_features`` layer, found on the meta device: nothing is
+    allocated, so a config that asks for ``r=65536`` over rank-4 tensors is refused before it costs memory.
+
+    [] when they agree, or when the method's adapter cannot be built on the meta device (then the
+    load's own check, after allocating, decides).
+    """
+    try:
+        with torch.device("meta"):
+            adapter = method.create_adapter(in_features, out_features, None)
+        expected = {key: tuple(t.shape) for key, t in adapter.state_dict().items()}
+    except Exception:  # a plugin's create_adapter may need real tensors (random draws, .item())
+        return []
+    problems = []
+    for key in sorted(set(expected) | set(shapes)):
+        if key not in shapes or key not in expected:
+            continue  # missing and unexpected keys are reported by the load with their names
+        if tuple(shapes[key]) != expected[key]:
+            problems.append(
+                f"tensor {layer}.{key!s} has shape {tuple(shapes[key])} in the file; an adapter with the config's "
+                f"options on this {in_features} -> {out_features} layer holds {expected[key]}"
+            )
+    return problems
 
 
 def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
