@@ -175,7 +175,16 @@ class Bnb8Backend(Backend):
                 "of the Int8Params object, so bnb8 layers cannot be sharded (FSDP). Use DDP, or bnb4 with "
                 "quant_storage set to the model's float dtype"
             )
-        return module(x)
+        # Linear8bitLt.forward casts the bias in place to the input's dtype (bias.data = bias.data.to(x.dtype)):
+        # one float16 forward would round a float32 bias for good, and an exact unmerge would no longer be.
+        # The forward keeps its numbers; the layer gets its own bias tensor back afterwards.
+        bias = module.bias
+        kept = None if bias is None else bias.data
+        try:
+            return module(x)
+        finally:
+            if bias is not None and bias.data is not kept:
+                bias.data = kept
 
     # ------------------------------------------------------------ checkpoint layout (hf_format)
 
