@@ -304,6 +304,15 @@ class Backend(_Plugin):
         """
         raise _missing(self, "storage_options")
 
+    def float_modules_config(self, names: list[str]) -> dict[str, Any]:
+        """The ``quantization_config`` fields that make transformers' loader keep the modules ``names``
+        in float (and nothing else it would keep otherwise: ``names`` includes those).
+
+        Optional; an export uses it to write a model whose float linears stay float, as they were
+        when the adapter was trained.
+        """
+        raise _missing(self, "float_modules_config")
+
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""
         return self.get_storage(module).clone()

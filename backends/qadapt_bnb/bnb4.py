@@ -24,7 +24,7 @@ from qadapt.protocols import (
 )
 from qadapt_bnb import bnb4_codes, fast_quant
 from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
-from qadapt_bnb.hf_format import bnb_config, dtype_name, read_4bit
+from qadapt_bnb.hf_format import bnb_config, dtype_name, read_4bit, skip_modules_config
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
 _KERNEL_DTYPES = frozenset(FLOAT_DTYPES.values())
@@ -293,6 +293,9 @@ class Bnb4Backend(Backend):
         if base_config is None or base_config.get("quant_method") != "bitsandbytes":
             fields["bnb_4bit_compute_dtype"] = self.options.compute_dtype or dtype_name(m["dtype"])
         return bnb_config(4, base_config, **fields)
+
+    def float_modules_config(self, names: list[str]) -> dict[str, Any]:
+        return skip_modules_config(names)
 
     def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
         m = storage.meta

@@ -23,7 +23,7 @@ from qadapt.protocols import (
     QuantizedWeight,
 )
 from qadapt_bnb.bnb4_codes import MIN_ROWS_PER_FEATURE, warn_few_rows
-from qadapt_bnb.hf_format import bnb_config, read_8bit
+from qadapt_bnb.hf_format import bnb_config, read_8bit, skip_modules_config
 
 #: bitsandbytes' int8 dequantize multiplies by this float32 constant (1 / 127), after the row scale.
 _INV_127 = torch.tensor(7.874015718698502e-3, dtype=torch.float32)
@@ -209,6 +209,9 @@ class Bnb8Backend(Backend):
         kept = base_config is not None and base_config.get("quant_method") == "bitsandbytes"
         fields = {} if kept else {"llm_int8_threshold": self.options.threshold}
         return bnb_config(8, base_config, **fields)
+
+    def float_modules_config(self, names: list[str]) -> dict[str, Any]:
+        return skip_modules_config(names)
 
     def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
         return {}

@@ -39,6 +39,11 @@ _KEPT = ("bnb_4bit_compute_dtype", "llm_int8_enable_fp32_cpu_offload", "llm_int8
 STATE_KEY_PREFIX = "weight.quant_state.bitsandbytes__"
 
 
+def skip_modules_config(names: list[str]) -> dict[str, Any]:
+    """transformers' ``llm_int8_skip_modules``: the modules a bitsandbytes load keeps in float (4 and 8 bit)."""
+    return {"llm_int8_skip_modules": sorted(names)}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")

@@ -76,6 +76,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         backend_options=dict(args.backend_option) or None,
         requantize=args.requantize,
         progress=not args.no_progress,
+        quantize_float_linears=args.quantize_float_linears,
     )
     rows = [
         (
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_key_value,
         metavar="KEY=VALUE",
         help="an option of the target's backend, e.g. blocksize=128 (repeatable; the value is read as YAML)",
+    )
+    exp.add_argument(
+        "--quantize-float-linears",
+        action="store_true",
+        help="float base, quantized target: also quantize the linears that were float when the adapter was trained "
+        "(by default they stay float; the report gives each one's cost)",
     )
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.add_argument("-v", "--verbose", action="store_true", help="print every layer's merge figures")

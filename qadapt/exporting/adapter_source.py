@@ -50,6 +50,9 @@ class AdapterSource:
     #: layer name -> the shapes of its adapter state as the file holds them, without reading data
     #: (PEFT sources, which record no layer shapes: checked against the base before anything is made).
     state_shapes: Callable[[str], dict[str, tuple[int, ...]]] | None = None
+    #: the model's plain float linears (not adapted) when the adapter was saved; None: not recorded
+    #: (PEFT adapters, qadapt checkpoints written before it was recorded).
+    float_linears: frozenset[str] | None = None
 
     def create_shared(self, shapes: list[tuple[int, int]]) -> nn.Module | None:
         """The method's shared state for these layer shapes, with the checkpoint's saved tensors put in."""
@@ -111,6 +114,7 @@ def _qadapt_source(directory: Path) -> AdapterSource:
             raise CheckpointError(f"{directory}: tensor {key!r} belongs to no layer of the checkpoint")
         per_layer[owner][key[len(owner) + 1 :]] = tensor
     backend = None if cfg.backend.name == AUTO_BACKEND else cfg.backend
+    recorded = ckpt.description.get("float_linears")
     return AdapterSource(
         directory,
         "qadapt",
@@ -122,6 +126,7 @@ def _qadapt_source(directory: Path) -> AdapterSource:
         shared,
         backend,
         held_bytes=sum(t.numel() * t.element_size() for t in ckpt.tensors.values()),
+        float_linears=None if recorded is None else frozenset(recorded),
     )
 
 

@@ -190,9 +190,10 @@ def _model_class(transformers: Any, config: Any, path: Path) -> Any:
     return cls
 
 
-def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> set[str]:
-    """The modules transformers quantizes when it loads ``base`` with a quantization config:
-    every ``nn.Linear`` except the ones it keeps in float (output embeddings, tied, skip list).
+def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """``(linears, kept)``: the modules transformers quantizes when it loads ``base`` with a quantization
+    config (every ``nn.Linear`` except the ones it keeps in float), and the names it keeps in float
+    (output embeddings, tied weights, the base's skip list).
 
     The model is built on the meta device from the config already read (no file is read again,
     no remote code is run, and ``architectures`` may only name a transformers model class).
@@ -230,11 +231,12 @@ def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> set
     skip = set(get_keys_to_not_convert(model)) | set(
         (base_config.get("quantization_config") or {}).get("llm_int8_skip_modules") or []
     )
-    return {
+    linears = {
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)
     }
+    return linears, skip
 
 
 def _model_dtype(config: Mapping[str, Any], entries: Mapping[str, TensorEntry]) -> torch.dtype:
@@ -255,6 +257,8 @@ class Step:
 
 @dataclass
 class Plan:
+    """Every step of an export, the target, and what the plan decided about float linears."""
+
     steps: list[Step]
     target: Target
     target_backend: Backend | None
@@ -266,6 +270,12 @@ class Plan:
     cap: int
     peak: Step
     held: int
+    #: float linears of a float base kept in float for a quantized target (they were float when the
+    #: adapter was trained), and the names the written config must tell the loader to keep in float.
+    kept_float: list[str] = field(default_factory=list)
+    float_skip: list[str] = field(default_factory=list)
+    #: float linears quantized that were float when the adapter was trained (or not recorded).
+    quantized_float: list[str] = field(default_factory=list)
 
     @property
     def peak_estimate(self) -> int:
@@ -295,7 +305,11 @@ def _shape_problem(module: str, adapter: AdapterSource, shape: tuple[int, int]) 
 
 
 def make_plan(
-    base: InputDirectory, adapter: AdapterSource, target: Target, max_memory: int | str | None
+    base: InputDirectory,
+    adapter: AdapterSource,
+    target: Target,
+    max_memory: int | str | None,
+    quantize_float_linears: bool = False,
 ) -> tuple[Plan, nn.Module | None]:
     """Every step of the export, sized and checked; nothing is written.
 
@@ -352,13 +366,20 @@ def make_plan(
                 f"target {target.name!r}: options {options} do not validate for backend {target.backend!r}:\n{exc}"
             ) from exc
     linears: set[str] = set()
-    # A quantized base's float linears are the ones its quantizer kept in float: they stay so.
+    kept_float: set[str] = set()
+    skip: set[str] = set()
+    # A quantized base's float linears are the ones its quantizer kept in float: they stay so. A float
+    # base's are quantized as transformers would, except those that were float when the adapter was
+    # trained (the checkpoint records them): the export is the model that was trained.
     if (
         target_backend is not None
         and base_qc is None
         and any(g.float_weight and g.module not in adapted for g in groups)
     ):
-        linears = _linear_modules(base, base_config)
+        linears, skip = _linear_modules(base, base_config)
+        if adapter.float_linears is not None and not quantize_float_linears:
+            kept_float = linears & adapter.float_linears
+            linears -= kept_float
     # Every adapted layer's shape is the base's own, compared with the one the adapter records.
     shapes: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
@@ -432,6 +453,9 @@ def make_plan(
         cap,
         peak,
         held,
+        sorted(kept_float),
+        sorted(skip | kept_float) if kept_float else [],
+        sorted(name for name in linears if name not in adapted and name in by_module and by_module[name].float_weight),
     )
     if plan.peak_estimate > cap:
         raise ConfigError(

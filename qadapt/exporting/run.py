@@ -101,6 +101,12 @@ class ExportReport(LayerFigures):
     left_out_files: list[str] = field(default_factory=list)
     #: what was cleaned beside OUT first: leftovers of exports that were killed.
     recovered: list[str] = field(default_factory=list)
+    #: float linears of a float base kept in float for a quantized target, as they were when the adapter
+    #: was trained; and the float linears (not adapted) quantized, each with its relative weight error.
+    kept_float: list[str] = field(default_factory=list)
+    quantized_float: dict[str, float] = field(default_factory=dict)
+    #: whether the adapter recorded its model's float linears (qadapt checkpoints since they do; not PEFT).
+    float_linears_recorded: bool = True
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -120,6 +126,22 @@ class ExportReport(LayerFigures):
             f"memory: estimated peak {mib(self.peak_estimate)} of max_memory {mib(self.max_memory)} "
             f"(largest tensor {mib(self.largest_tensor_bytes)})",
         ]
+        if self.kept_float:
+            lines.append(
+                f"{len(self.kept_float)} float linear(s) kept in float, as they were when the adapter was trained "
+                "(quantize_float_linears=True / --quantize-float-linears quantizes them)"
+            )
+        if self.quantized_float:
+            worst = max(self.quantized_float.values())
+            why = (
+                "they were float when the adapter was trained"
+                if self.float_linears_recorded
+                else "the adapter does not record which linears were float when it was trained"
+            )
+            lines.append(
+                f"{len(self.quantized_float)} float linear(s) not adapted were quantized, as transformers would "
+                f"({why}): max relative weight error {worst:.3g}"
+            )
         if self.left_out_files:
             shown = ", ".join(self.left_out_files[:8]) + (", ..." if len(self.left_out_files) > 8 else "")
             lines.append(f"not copied from BASE (not a known tokenizer/config file): {shown}")
@@ -139,6 +161,7 @@ def export(
     backend_options: Mapping[str, Any] | None = None,
     requantize: str | None = None,
     progress: bool = True,
+    quantize_float_linears: bool = False,
 ) -> ExportReport:
     """Merge ``adapter`` into the model at ``base`` and write a model directory at ``out``.
 
@@ -155,6 +178,9 @@ def export(
         backend_options: options for the target backend, over the target's and the base's own.
         requantize: the merge's requantize mode (``merge_storage``'s default when None).
         progress: show a progress bar (layers/s and bytes written).
+        quantize_float_linears: for a float base and a quantized target, also quantize the float linears
+            that were float when the adapter was trained (the checkpoint records them; by default they stay
+            float, so the export is the model that was trained). The report gives each one's cost.
 
     Every file is read inside ``base`` or ``adapter`` only (a symlink out of them, a FIFO or device,
     an index entry with ``..`` is refused); of BASE's other files only :data:`SIDE_FILES` are copied.
@@ -185,12 +211,15 @@ def export(
     base_dir, adapter_dir = InputDirectory(base, "BASE"), InputDirectory(adapter, "ADAPTER")
     check_out(out, {"BASE": base_dir.real, "ADAPTER": adapter_dir.real}, overwrite)
     source = read_adapter_source(adapter_dir)
-    plan, shared = make_plan(base_dir, source, target, max_memory)
+    if not isinstance(quantize_float_linears, bool):
+        raise ConfigError(f"quantize_float_linears must be True or False, got {quantize_float_linears!r}")
+    plan, shared = make_plan(base_dir, source, target, max_memory, quantize_float_linears)
     side_files, left_out = _side_files(base_dir)
     with OutputSlot(out) as slot:
         writer = ShardWriter(slot.tmp, shard_size)
         try:
-            results, qc = _run(plan, source, shared, writer, requantize, progress)
+            quantized: dict[str, float] = {}
+            results, qc = _run(plan, source, shared, writer, requantize, progress, quantized)
             files = writer.finish()
         finally:
             writer.abort()
@@ -211,6 +240,9 @@ def export(
             side_files,
             left_out,
             recovered,
+            plan.kept_float,
+            {name: quantized[name] for name in plan.quantized_float if name in quantized},
+            source.float_linears is not None,
         )
         (slot.tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         slot.commit(overwrite)
@@ -245,6 +277,9 @@ def _write_config(directory: Path, plan: Plan, qc: dict[str, Any] | None) -> Non
         if "torch_dtype" in config:
             config["torch_dtype"] = name
     elif qc is not None:
+        if plan.float_skip:
+            assert plan.target_backend is not None
+            qc = {**qc, **plan.target_backend.float_modules_config(plan.float_skip)}
         config["quantization_config"] = qc
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -256,6 +291,7 @@ def _run(
     writer: ShardWriter,
     requantize: str | None,
     progress: bool,
+    quantized: dict[str, float],
 ) -> tuple[dict[str, MergeResult], dict[str, Any] | None]:
     results: dict[str, MergeResult] = {}
     config: dict[str, Any] | None = None
@@ -268,7 +304,7 @@ def _run(
                 cast = plan.target.dtype if step.action == "cast" and entry.is_float else None
                 writer.add_streamed(entry.key, entry, cast)
         else:
-            produced = _layer(step, plan, source, shared, writer, results, merge_kwargs)
+            produced = _layer(step, plan, source, shared, writer, results, merge_kwargs, quantized)
             if produced is not None:
                 if config is None:
                     config = produced
@@ -293,6 +329,7 @@ def _layer(
     writer: ShardWriter,
     results: dict[str, MergeResult],
     merge_kwargs: dict[str, Any],
+    quantized: dict[str, float],
 ) -> dict[str, Any] | None:
     group, target = step.group, plan.target
     tensors = read_tensors(group.entries.values())
@@ -339,7 +376,11 @@ def _layer(
         if step.action == "merge":
             new = storage
         elif step.action == "quantize":
-            new = _quantize(tb, storage.tensors["weight"])
+            weight_in = storage.tensors["weight"]
+            new = _quantize(tb, weight_in)
+            if adapter is None:  # a float linear quantized as it is: what that costs
+                error, _ = weight_figures(weight_in.float(), weight_in.float(), tb.dequantize(new), precision="float32")
+                quantized[group.module] = error
         else:  # convert: from another format, through the float (merged) weight, guarded like a merge
             model_dtype = plan.model_dtype
 

@@ -125,6 +125,8 @@ class _Description(BaseModel):
     format_version: int
     config: dict[str, Any]
     layers: dict[str, tuple[PositiveInt, PositiveInt]]
+    #: the model's plain float linears outside the adapted layers when it was saved (None: not recorded).
+    float_linears: list[str] | None = None
     versions: dict[str, Any] = {}
     aliases: dict[str, str] = {}
 
