@@ -230,17 +230,30 @@ def check_gradient_reaches_input(
 def check_low_precision_inputs(
     backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
 ) -> None:
-    """bfloat16 and float16 inputs give finite outputs close to the float32 one."""
+    """bfloat16 and float16 inputs give finite outputs close to the float32 one, and leave every tensor
+    of the module (storage, bias) as it was: a forward in another dtype must not cast them in place
+    (bitsandbytes' int8 forward rounded a float32 bias to the input's float16 for good)."""
     backend = _backend(backend, options)
     _, module = _quantized(backend, in_features, out_features, seed)
     x = _input(in_features, seed)
     with torch.no_grad():
         expected = backend.forward(module, x).float()
-        for dtype in (torch.bfloat16, torch.float16):
+        storage = backend.get_storage(module).clone()
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach().clone()
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):
             out = backend.forward(module, x.to(dtype)).float()
             assert bool(torch.isfinite(out).all()), f"{dtype} input gives non-finite output"
-            error = _relative(out, expected)
-            assert error < 0.05, f"{dtype} input differs from float32 by {error:.3f}"
+            if dtype != torch.float64:
+                error = _relative(out, expected)
+                assert error < 0.05, f"{dtype} input differs from float32 by {error:.3f}"
+            assert backend.get_storage(module).equal(storage), f"a {dtype} forward changed the layer's storage"
+            now = getattr(module, "bias", None)
+            assert (bias is None) == (now is None), f"a {dtype} forward added or removed the bias"
+            if bias is not None:
+                assert now.dtype == bias.dtype and torch.equal(now, bias), (
+                    f"a {dtype} forward changed the layer's bias in place ({bias.dtype} -> {now.dtype})"
+                )
 
 
 def _shapes(in_features: int, out_features: int) -> list[tuple[int, int]]:
