@@ -124,8 +124,10 @@ def child_compare(work: Path) -> dict:
     """Largest relative difference over the two outputs' tensors (read one at a time)."""
 
     from qadapt.formats.hf_checkpoint import model_entries, read_tensors
+    from qadapt.formats.local_files import InputDirectory
 
-    ours, theirs = model_entries(work / "out-qadapt"), model_entries(work / "out-peft")
+    ours = model_entries(InputDirectory(work / "out-qadapt", "OUT"))
+    theirs = model_entries(InputDirectory(work / "out-peft", "OUT"))
     worst, missing = 0.0, sorted(set(theirs) ^ set(ours))
     for key in sorted(set(ours) & set(theirs)):
         a = read_tensors([ours[key]])[key].float()

@@ -26,9 +26,13 @@ API_VERSION = 1
 
 
 class PluginOptions(BaseModel):
-    """Base of every plugin's options model: unknown keys are rejected, instances are frozen."""
+    """Base of every plugin's options model: unknown keys are rejected, instances are frozen, and no
+    float option is NaN or infinite (a plugin that means "no limit" says so with None, not ``inf``).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Bound every numeric option on both sides (``ge``/``gt`` and ``le``/``lt``): an option's value
+    comes from config files and checkpoints, and sizes allocations (``r=2**40``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -320,6 +324,15 @@ class Backend(_Plugin):
         An export keeps a base layer as it is when the target's options agree with these.
         """
         raise _missing(self, "storage_options")
+
+    def float_modules_config(self, names: list[str]) -> dict[str, Any]:
+        """The ``quantization_config`` fields that make transformers' loader keep the modules ``names``
+        in float (and nothing else it would keep otherwise: ``names`` includes those).
+
+        Optional; an export uses it to write a model whose float linears stay float, as they were
+        when the adapter was trained.
+        """
+        raise _missing(self, "float_modules_config")
 
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import float_linear
+from torch import nn
 
+import qadapt
 from qadapt import registry
 
 
@@ -182,3 +184,22 @@ def test_importing_qadapt_bnb_on_an_avx512_bf16_cpu_prints_no_hub_kernel_line():
     line = "Failed to load CPU gemm_4bit_forward from kernels-community"
     assert line in proc.stdout, proc.stdout
     assert line not in proc.stderr and "a real bitsandbytes warning" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_bnb8_forward_in_another_dtype_leaves_the_bias_as_it_was(dtype):
+    # bitsandbytes' Linear8bitLt.forward casts its bias to the input dtype in place; through qadapt it must not.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    qadapt.wrap(model, method="oft", backend="bnb8", method_options={"block_size": 16})
+    layer = model[0]
+    bias = layer.base.bias.detach().clone()
+    x = torch.randn(8, 64)
+    before = model(x)
+    model(x.to(dtype))
+    assert layer.base.bias.dtype == torch.float32 and torch.equal(layer.base.bias, bias)
+    assert torch.equal(model(x), before)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    qadapt.merge(model, calibration=[torch.randn(32, 64).to(dtype) for _ in range(4)])
+    qadapt.unmerge(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

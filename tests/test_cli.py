@@ -148,3 +148,35 @@ def test_help_and_version_import_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "qadapt 0.1.0" in result.stdout and "usage: qadapt" in result.stdout
+
+
+def test_bad_input_is_exit_2_without_a_traceback_and_a_bug_is_exit_3_with_one(tmp_path, capsys, monkeypatch):
+    args = ["export", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--no-progress"]
+    assert main([*args, "--to", "bf16", "--max-memory", "1e400"]) == 2
+    err = capsys.readouterr().err
+    assert "qadapt: max_memory must be a positive size" in err and "Traceback" not in err
+    assert main([*args, "--to", "bf16", "--requantize", "calibrated"]) == 2
+    assert "applies to quantized targets" in capsys.readouterr().err
+    assert main([*args, "--to", "bf16"]) == 2
+    assert "qadapt: BASE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--to", "nf4", "--backend-option", "blocksize=["])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "blocksize='[': the value is not YAML" in err and "Traceback" not in err
+
+    def broken() -> list:
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(qadapt.registry, "plugins", broken)
+    assert main(["plugins"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: an internal bug" in err and "this is a bug in qadapt" in err
+
+    def refused() -> list:
+        raise PermissionError(13, "Permission denied", "/somewhere")
+
+    monkeypatch.setattr(qadapt.registry, "plugins", refused)
+    assert main(["plugins"]) == 1
+    err = capsys.readouterr().err
+    assert "the system refused: Permission denied (/somewhere)" in err and "Traceback" not in err

@@ -270,6 +270,14 @@ class ForLayerWithOtherOptions(AddDelta):
 
     def for_layer(self, name):
         return type(self)({"scale": 0.5})
+class TrustingCheckpoint(FloatBackend):
+    """from_checkpoint takes any float ``weight`` as it comes, whatever its length."""
+
+    def from_checkpoint(self, tensors, config):
+        weight = tensors.get("weight")
+        if set(tensors) != {"weight"} or not weight.dtype.is_floating_point:
+            return None
+        return QuantizedWeight({"weight": weight})
 
 
 class RequiredOptions(PluginOptions):
@@ -348,6 +356,9 @@ class NoDefaults(AddDelta):
             lambda: testing.check_method(ForLayerWithOtherOptions()),
             "check_for_layer_keeps_the_method",
             "for_layer('proj') returned options {'scale': 0.5, 'seed': 0}, the method has",
+            lambda: testing.check_backend(TrustingCheckpoint()),
+            "check_checkpoint_refuses_damaged_tensors",
+            "from_checkpoint() read a layer whose 'weight' is one element short instead of refusing it",
         ),
     ],
     ids=[
@@ -364,6 +375,7 @@ class NoDefaults(AddDelta):
         "bias-without-inverse",
         "bias-inverse-wrong",
         "for-layer-other-options",
+        "trusting-checkpoint-reader",
     ],
 )
 def test_the_suite_names_the_rule_a_broken_plugin_breaks(run, rule, message):

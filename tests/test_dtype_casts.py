@@ -3,7 +3,8 @@
 bnb4 packs its 4-bit codes two per byte; with ``quant_storage`` set to a float dtype (what FSDP
 needs) those bytes sit in a float tensor, and ``model.half()`` / ``.to(dtype)`` / ``.type()``
 would convert them by value. Every such cast runs through ``QuantAdapterLinear._apply``, which
-keeps the tensors the backend declares (``Backend.dtype_fixed_tensors``) and every integer tensor.
+never casts the tensors the backend declares (``Backend.dtype_fixed_tensors``) nor any integer
+tensor: they only follow a device move (so a tensor subclass that refuses casts never sees one).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tiny_models import tiny_llama, token_ids
 import qadapt
 from qadapt import testing
 from qadapt.errors import AdapterStateError
+from qadapt.registry.reference import FloatBackend
 
 STORAGES = ["uint8", "bfloat16", "float16", "float32"]
 CASTS = {
@@ -111,3 +113,45 @@ def test_codes_converted_behind_the_layers_back_are_refused_not_used():
     layer.base.weight.data = layer.base.weight.data.to(torch.float16)  # what a bare Linear4bit cast does
     with pytest.raises(AdapterStateError, match=r"stored as torch\.bfloat16 but the weight now is torch\.float16"):
         model(token_ids())
+
+
+class CastRefusingTensor(torch.Tensor):
+    """A quantizer's tensor subclass that refuses dtype casts (as optimum-quanto's packed tensors do)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("half", "float", "double", "bfloat16", "type") or (
+            name == "to" and any(isinstance(a, torch.dtype) for a in [*args[1:], *kwargs.values()])
+        ):
+            raise TypeError(f"CastRefusingTensor cannot be cast ({name})")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class FixedFloatBackend(FloatBackend):
+    """The float backend, its weight a CastRefusingTensor declared in dtype_fixed_tensors."""
+
+    def quantize(self, linear: torch.nn.Module) -> torch.nn.Module:
+        weight = linear.weight.detach().clone().as_subclass(CastRefusingTensor)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return linear
+
+    def owns(self, module: torch.nn.Module) -> bool:
+        return isinstance(getattr(module, "weight", None), CastRefusingTensor)
+
+    def dtype_fixed_tensors(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {**super().dtype_fixed_tensors(module), "weight": module.weight}
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to-float16", "to-cpu-bfloat16", "type-float16"])
+def test_a_cast_never_touches_the_fixed_tensors_even_one_that_refuses_casts(cast):
+    torch.manual_seed(0)
+    layer = qadapt.QuantAdapterLinear(torch.nn.Linear(32, 16), "lora", FixedFloatBackend(), method_options={"r": 2})
+    weight = layer.base.weight
+    with pytest.raises(TypeError, match="cannot be cast"):
+        weight.half()  # the subclass does refuse
+    CASTS[cast](layer)
+    assert layer.base.weight is weight and layer.base.weight.dtype == torch.float32
+    adapter = layer.adapters["default"]
+    assert all(p.dtype != torch.float32 for p in adapter.parameters()), "the adapter follows the cast"

@@ -223,7 +223,7 @@ def test_cli_export(bases: dict[str, Path], tmp_path: Path, capsys: pytest.Captu
     assert main([*args, "--no-progress", "-v"]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in printed and "14 layer(s) merged" in printed
-    assert main(args) == 1
+    assert main(args) == 2
     assert "exists" in capsys.readouterr().err
 
 
@@ -289,3 +289,41 @@ def test_a_failed_block_write_is_taken_back_and_the_shard_stays_readable(tmp_pat
     (path,) = writer.finish()
     loaded = load_file(str(path))
     assert sorted(loaded) == ["a", "b"] and torch.equal(loaded["b"], torch.full((2,), 7.0))
+
+
+@torch.no_grad()
+def test_a_float_model_wrapped_on_some_targets_exports_as_it_was_trained(bases: dict[str, Path], tmp_path: Path):
+    # Wrapping a float model with bnb4 quantizes the targets only; the export keeps the other linears float.
+    model = qadapt.wrap(
+        LlamaForCausalLM.from_pretrained(bases["float"], dtype=torch.float32),
+        method="oft",
+        backend="bnb4",
+        targets=["q_proj", "v_proj"],
+        method_options=METHODS["oft"],
+    )
+    perturb_adapters(model)
+    qadapt.save_adapter(model.eval(), tmp_path / "adapter")
+    reference = qadapt.unwrap(model, merge=True).eval()
+    ids = token_ids(length=8)
+
+    report = export(bases["float"], tmp_path / "adapter", tmp_path / "out", to="nf4", progress=False)
+
+    assert len(report.kept_float) == 10 and not report.quantized_float  # k, o, gate, up, down of 2 layers
+    assert "10 float linear(s) kept in float, as they were when the adapter was trained" in str(report)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert (
+        set(report.kept_float) <= set(config["llm_int8_skip_modules"]) and "lm_head" in config["llm_int8_skip_modules"]
+    )
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(exported(ids).logits, reference(ids).logits)
+
+    report = export(
+        bases["float"], tmp_path / "adapter", tmp_path / "all", to="nf4", progress=False, quantize_float_linears=True
+    )
+    assert not report.kept_float and len(report.quantized_float) == 10
+    assert all(0 < e < 0.2 for e in report.quantized_float.values())
+    assert "10 float linear(s) not adapted were quantized" in str(report)
+    written = json.loads((tmp_path / "all" / "config.json").read_text())["quantization_config"]
+    assert written["llm_int8_skip_modules"] is None  # transformers' own default: every linear but the head
+    everything = AutoModelForCausalLM.from_pretrained(tmp_path / "all")
+    assert not torch.equal(everything(ids).logits, reference(ids).logits)

@@ -123,6 +123,72 @@ def test_too_few_calibration_rows_fall_back_to_keeping_scales_with_a_warning():
     assert all(r.path != "calibrated" for r in report.layers.values())
 
 
+def embedded(values: list[float | None], length: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches of input embeddings ``[1, length, 64]``; a value puts it into the batch's first entry."""
+    generator = torch.Generator().manual_seed(7)
+    batches = []
+    for value in values:
+        embeds = torch.randn(1, length, 64, generator=generator)
+        if value is not None:
+            embeds[0, 0, 0] = value
+        batches.append({"inputs_embeds": embeds})
+    return batches
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_calibration_batch_is_named_with_the_layer_and_changes_nothing(value):
+    model = wrapped_llama("bnb4", {"quant_type": "nf4"})
+    before = model_checksum(model)
+    with pytest.raises(qadapt.InputError, match=r"calibration batch 2 makes the input statistics of layer "
+                       r"model\.layers\.0\.\w+\.\w+ non-finite"):  # fmt: skip
+        qadapt.merge(model, calibration=embedded([None, None, value, None, None]))
+    assert model_checksum(model) == before
+
+
+def test_calibration_inputs_whose_squares_overflow_are_refused():
+    torch.manual_seed(0)
+    model = qadapt.wrap(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)), method="oft",
+                        backend="bnb8", method_options={"block_size": 16})  # fmt: skip
+    batches = [torch.randn(64, 64) for _ in range(4)]
+    batches[3][5, 5] = 1e30
+    before = model_checksum(model)
+    with pytest.raises(qadapt.InputError, match=r"calibration batch 3 .* layer 0 non-finite.*overflow float32"):
+        qadapt.merge(model, calibration=batches)
+    assert model_checksum(model) == before
+
+
+def test_an_endless_calibration_loader_is_read_up_to_the_limit_and_the_report_says_so():
+    pulled = []
+
+    def endless():
+        generator = torch.Generator().manual_seed(1)
+        while True:
+            pulled.append(1)
+            yield torch.randint(0, 128, (2, 16), generator=generator)
+
+    model = wrapped_llama("bnb4", {"quant_type": "nf4"})
+    with pytest.warns(UserWarning, match=r"used the first 6 batches \(max_calibration_batches=6\)"):
+        report = qadapt.merge(model, calibration=endless(), max_calibration_batches=6, warn_below=None)
+    assert len(pulled) == 6 and report.calibration_batches == 6 and report.calibration_limited
+    assert "calibrated on 6 batch(es) (stopped at max_calibration_batches)" in str(report)
+    qadapt.unmerge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        report = qadapt.merge(model, calibration=calibration(batches=6), max_calibration_batches=6, warn_below=None)
+    assert report.calibration_batches == 6 and not report.calibration_limited  # a list of exactly 6: all read
+
+
+def test_layers_that_see_only_zeros_keep_their_scales_with_a_warning_and_unmerge_exactly():
+    model = wrapped_llama("bnb4", {"quant_type": "nf4"})
+    before = model_checksum(model)
+    zeros = [{"inputs_embeds": torch.zeros(1, 128, 64)} for _ in range(8)]
+    with pytest.warns(UserWarning, match=r"saw only zero inputs .* kept their scales"):
+        report = qadapt.merge(model, calibration=zeros, warn_below=None)
+    assert report.layers and all(r.path != "calibrated" for r in report.layers.values())
+    qadapt.unmerge(model)
+    assert model_checksum(model) == before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "words"),
     [
@@ -135,6 +201,9 @@ def test_too_few_calibration_rows_fall_back_to_keeping_scales_with_a_warning():
         ({"tune_scales": -1}, ConfigError, "tune_scales must be"),
         ({"warn_below": float("nan")}, ConfigError, "warn_below must be"),
         ({"calibration_memory": 0}, ConfigError, "calibration_memory must be"),
+        ({"calibration": calibration(), "max_calibration_batches": 1}, ConfigError, "max_calibration_batches must"),
+        ({"calibration": calibration(), "max_calibration_batches": True}, ConfigError, "max_calibration_batches"),
+        ({"calibration": "abcd"}, ArgumentTypeError, "got a single str"),
     ],
 )
 def test_bad_merge_arguments_are_refused_and_change_nothing(kwargs, error, words):

@@ -24,7 +24,7 @@ from qadapt.protocols import (
 )
 from qadapt_bnb import bnb4_codes, fast_quant
 from qadapt_bnb._dtypes import FLOAT_DTYPES, FloatName, float_dtype
-from qadapt_bnb.hf_format import STATE_KEY_PREFIX, bnb_config, dtype_name
+from qadapt_bnb.hf_format import bnb_config, dtype_name, read_4bit, skip_modules_config
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **FLOAT_DTYPES}
 _KERNEL_DTYPES = frozenset(FLOAT_DTYPES.values())
@@ -267,13 +267,13 @@ class Bnb4Backend(Backend):
     def from_checkpoint(
         self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
     ) -> QuantizedWeight | None:
-        data = tensors.get("weight")
-        states = [key for key in tensors if key.startswith(STATE_KEY_PREFIX)]
-        if data is None or len(states) != 1 or any(not key.startswith("weight") for key in tensors):
+        # Checked against the layer's declared shape before anything is dequantized: bitsandbytes'
+        # kernels read as many scales and codes as the shape says, past the end of shorter tensors.
+        read = read_4bit(tensors)
+        if read is None:
             return None
-        # QuantState.from_dict pops from the dict it is given: hand it a copy, keys without "weight.".
-        packed = {key[len("weight.") :]: value for key, value in tensors.items() if key != "weight"}
-        return _to_storage(data, bnbF.QuantState.from_dict(packed, device=data.device))
+        data, state, meta = read
+        return QuantizedWeight({"data": data, **state}, meta)
 
     def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
         out = {"weight": storage.tensors["data"]}
@@ -293,6 +293,9 @@ class Bnb4Backend(Backend):
         if base_config is None or base_config.get("quant_method") != "bitsandbytes":
             fields["bnb_4bit_compute_dtype"] = self.options.compute_dtype or dtype_name(m["dtype"])
         return bnb_config(4, base_config, **fields)
+
+    def float_modules_config(self, names: list[str]) -> dict[str, Any]:
+        return skip_modules_config(names)
 
     def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
         m = storage.meta

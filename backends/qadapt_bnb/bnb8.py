@@ -23,7 +23,7 @@ from qadapt.protocols import (
     QuantizedWeight,
 )
 from qadapt_bnb.bnb4_codes import MIN_ROWS_PER_FEATURE, warn_few_rows
-from qadapt_bnb.hf_format import bnb_config
+from qadapt_bnb.hf_format import bnb_config, read_8bit, skip_modules_config
 
 #: bitsandbytes' int8 dequantize multiplies by this float32 constant (1 / 127), after the row scale.
 _INV_127 = torch.tensor(7.874015718698502e-3, dtype=torch.float32)
@@ -175,19 +175,26 @@ class Bnb8Backend(Backend):
                 "of the Int8Params object, so bnb8 layers cannot be sharded (FSDP). Use DDP, or bnb4 with "
                 "quant_storage set to the model's float dtype"
             )
-        return module(x)
+        # Linear8bitLt.forward casts the bias in place to the input's dtype (bias.data = bias.data.to(x.dtype)):
+        # one float16 forward would round a float32 bias for good, and an exact unmerge would no longer be.
+        # The forward keeps its numbers; the layer gets its own bias tensor back afterwards.
+        bias = module.bias
+        kept = None if bias is None else bias.data
+        try:
+            return module(x)
+        finally:
+            if bias is not None and bias.data is not kept:
+                bias.data = kept
 
     # ------------------------------------------------------------ checkpoint layout (hf_format)
 
     def from_checkpoint(
         self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
     ) -> QuantizedWeight | None:
-        cb, scb = tensors.get("weight"), tensors.get("SCB")
-        if cb is None or scb is None or cb.dtype != torch.int8 or set(tensors) - {"weight", "SCB", "weight_format"}:
+        read = read_8bit(tensors)  # SCB checked against the weight's rows before anything is dequantized
+        if read is None:
             return None
-        if "weight_format" in tensors and int(tensors["weight_format"]) != 0:
-            return None  # only row-major (0) is what bitsandbytes still reads
-        return QuantizedWeight({"CB": cb, "SCB": scb})
+        return QuantizedWeight({"CB": read[0], "SCB": read[1]})
 
     def to_checkpoint(self, storage: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {
@@ -202,6 +209,9 @@ class Bnb8Backend(Backend):
         kept = base_config is not None and base_config.get("quant_method") == "bitsandbytes"
         fields = {} if kept else {"llm_int8_threshold": self.options.threshold}
         return bnb_config(8, base_config, **fields)
+
+    def float_modules_config(self, names: list[str]) -> dict[str, Any]:
+        return skip_modules_config(names)
 
     def storage_options(self, storage: QuantizedWeight) -> dict[str, Any]:
         return {}

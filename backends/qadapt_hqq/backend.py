@@ -51,9 +51,10 @@ class HqqOptions(PluginOptions):
     nbits: Literal[8, 4, 3, 2, 1] = Field(4, description="Bits per weight.")
     group_size: PositiveInt | None = Field(
         64,
+        le=2**20,
         description=(
-            "Weights per (scale, zero) group; a multiple of 8 that divides out_features * in_features "
-            "(None: whole rows for axis=1, whole columns for axis=0)."
+            "Weights per (scale, zero) group; a multiple of 8 that divides out_features * in_features, at most "
+            "2^20 (None: whole rows for axis=1, whole columns for axis=0)."
         ),
     )
     axis: Literal[0, 1] = Field(

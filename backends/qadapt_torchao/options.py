@@ -8,6 +8,9 @@ from pydantic import Field, PositiveInt, model_validator
 
 from qadapt.protocols import PluginOptions
 
+#: Largest group or block size accepted (2^20 weights; check_layer also needs it to divide the layer).
+MAX_GROUP = 2**20
+
 
 class TorchaoOptions(PluginOptions):
     """Which torchao weight format a float ``nn.Linear`` is quantized to.
@@ -25,19 +28,21 @@ class TorchaoOptions(PluginOptions):
     )
     group_size: PositiveInt | None = Field(
         None,
+        le=MAX_GROUP,
         description=(
             "int8 / int4: weights per scale along in_features (must divide it); None: one scale per output row. "
-            "Not used by nf4 (see nf4_block_size)."
+            f"Not used by nf4 (see nf4_block_size). At most {MAX_GROUP}."
         ),
     )
     mapping: Literal["symmetric", "asymmetric"] = Field(
         "symmetric", description="int4 only: symmetric scales, or scales and zero points (asymmetric)."
     )
     nf4_block_size: PositiveInt = Field(
-        64, description="nf4: weights per absmax block (must divide out_features * in_features)."
+        64, le=MAX_GROUP, description="nf4: weights per absmax block (must divide out_features * in_features)."
     )
     nf4_scaler_block_size: PositiveInt = Field(
         256,
+        le=MAX_GROUP,
         description=(
             "nf4: absmax values per block of the second (int8) quantization; must divide the number of "
             "blocks, out_features * in_features / nf4_block_size."

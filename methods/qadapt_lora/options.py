@@ -10,13 +10,29 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from qadapt.protocols import PluginOptions
 
+#: Largest rank accepted (as oft and randlora): A and B of a 4096 x 4096 layer are then 2 GiB.
+MAX_RANK = 65536
+#: Largest |alpha| accepted; larger scales overflow float16 outputs at once.
+MAX_ALPHA = 1e6
+
 
 class LoraOptions(PluginOptions):
     """Options of the ``lora`` / ``dora`` methods (low-rank update ``B A``; DoRA adds a learned row magnitude)."""
 
-    r: int = Field(8, ge=1, description="Rank of the update: A is [r, in_features], B is [out_features, r].")
+    r: int = Field(
+        8,
+        ge=1,
+        le=MAX_RANK,
+        description=f"Rank of the update: A is [r, in_features], B is [out_features, r] (at most {MAX_RANK}).",
+    )
     alpha: float = Field(
-        8.0, description="Scaling numerator: the update is multiplied by alpha / r (PEFT: lora_alpha)."
+        8.0,
+        ge=-MAX_ALPHA,
+        le=MAX_ALPHA,
+        description=(
+            "Scaling numerator: the update is multiplied by alpha / r (PEFT: lora_alpha); finite, "
+            f"|alpha| <= {MAX_ALPHA:g} (0 makes the adapter a no-op, a negative value flips the update)."
+        ),
     )
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter branch's input (training only).")

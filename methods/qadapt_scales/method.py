@@ -16,7 +16,8 @@ class ScalesOptions(PluginOptions):
     init: float = Field(
         1.0,
         gt=0.0,
-        description="Initial value of every multiplier; 1.0 starts as the unchanged base layer.",
+        le=1e6,
+        description="Initial value of every multiplier (0 < init <= 1e6); 1.0 starts as the unchanged base layer.",
     )
 
 

@@ -1,10 +1,17 @@
-"""The ``qadapt`` command: ``plugins``, ``validate``, ``schema``, ``demo`` and ``export``."""
+"""The ``qadapt`` command: ``plugins``, ``validate``, ``schema``, ``demo`` and ``export``.
+
+Exit statuses: 0 done; 1 a command's negative answer (``validate``: invalid; ``plugins``: one
+broken) or an operating-system refusal (disk full, permission denied), printed without a
+traceback; 2 bad input (a usage error, or any qadapt error: the input named, nothing written); 3
+a bug in qadapt or a plugin: the traceback is printed, with how to report it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 
 from qadapt.cli.tables import format_table
@@ -82,6 +89,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         backend_options=dict(args.backend_option) or None,
         requantize=args.requantize,
         progress=not args.no_progress,
+        quantize_float_linears=args.quantize_float_linears,
     )
     rows = [
         (
@@ -100,13 +108,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Longest ``KEY=VALUE`` argument read (a value is an option, not a file).
+MAX_OPTION_CHARS = 10_000
+
+
 def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with the value read as YAML (``16``, ``true``, ``[1, 2]``, ``nf4``).
+
+    Raises:
+        argparse.ArgumentTypeError: no ``=``, an empty key, a value that is not YAML or too long
+            (argparse prints it as a usage error, exit 2).
+    """
     import yaml
 
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text[:80]!r}")
+    if len(text) > MAX_OPTION_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"{key.strip()[:80]}: the value is {len(value)} characters; at most {MAX_OPTION_CHARS}"
+        )
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise argparse.ArgumentTypeError(
+            f"{key.strip()[:80]}={value[:80]!r}: the value is not YAML ({problem}); quote a string, e.g. "
+            f"{key.strip()[:80]}='\"{value[:40]}\"'"
+        ) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,13 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an option of the target's backend, e.g. blocksize=128 (repeatable; the value is read as YAML)",
     )
+    exp.add_argument(
+        "--quantize-float-linears",
+        action="store_true",
+        help="float base, quantized target: also quantize the linears that were float when the adapter was trained "
+        "(by default they stay float; the report gives each one's cost)",
+    )
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.add_argument("-v", "--verbose", action="store_true", help="print every layer's merge figures")
     exp.set_defaults(run=_cmd_export)
     return parser
 
 
+#: Where a traceback of a qadapt bug should go.
+REPORT_BUGS = "the qadapt issue tracker (with the command line, `qadapt plugins` and this traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     from qadapt.cli.quiet import quiet_third_party
 
@@ -214,7 +254,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args)
     except QAdaptError as exc:
         print(f"qadapt: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"qadapt: the system refused: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("qadapt: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        from qadapt.version import __version__
+
+        print(
+            f"qadapt {__version__}: this is a bug in qadapt or one of its plugins, not a problem with your input. "
+            f"Please report it to {REPORT_BUGS}.",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

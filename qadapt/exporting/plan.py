@@ -6,7 +6,6 @@ or format is needed, and every step's working memory is checked against the cap 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +15,13 @@ import torch
 from torch import nn
 
 from qadapt import registry
-from qadapt.errors import CapabilityError, CheckpointError, ConfigError, PluginError
+from qadapt.errors import CapabilityError, CheckpointError, ConfigError, PluginError, shorten
 from qadapt.exporting.adapter_source import AdapterSource
 from qadapt.exporting.targets import Target
+from qadapt.formats.adapter_layout import planned_shape_problems
+from qadapt.formats.checkpoint_files import MAX_CONFIG_BYTES, parse_json_object
 from qadapt.formats.hf_checkpoint import CHUNK_BYTES, TensorEntry, model_entries, parse_size, read_tensors
+from qadapt.formats.local_files import InputDirectory
 from qadapt.protocols import Backend, Method, QuantizedWeight
 from qadapt.registry.reference import FloatBackend
 
@@ -105,9 +107,19 @@ class _Readers:
 def read_storage(
     group: _Group, tensors: Mapping[str, torch.Tensor], backends: _Readers, config: Mapping[str, Any] | None
 ) -> tuple[Backend, QuantizedWeight]:
+    """The layer's storage as the first backend that reads its layout gives it.
+
+    Raises:
+        CheckpointError: no backend reads the layout, or the one whose layout it is refuses it (its
+            message prefixed with the file and layer).
+    """
     rel = {k: tensors[e.key] for k, e in group.entries.items()}
     for backend in backends:
-        storage = backend.from_checkpoint(rel, config)
+        try:
+            storage = backend.from_checkpoint(rel, config)
+        except CheckpointError as exc:
+            files = sorted({str(e.file) for e in group.entries.values()})
+            raise CheckpointError(f"{', '.join(files)}: layer {group.module} ({backend.name}): {exc}") from exc
         if storage is not None:
             return backend, storage
     layout = ", ".join(f"{k} {e.code}{list(e.shape)}" for k, e in group.entries.items())
@@ -117,31 +129,114 @@ def read_storage(
     )
 
 
-def _linear_modules(base: Path, base_config: Mapping[str, Any]) -> set[str]:
-    """The modules transformers quantizes when it loads ``base`` with a quantization config:
-    every ``nn.Linear`` except the ones it keeps in float (output embeddings, tied, skip list)."""
+CONFIG_FILE = "config.json"
+
+
+def read_base_config(base: InputDirectory) -> dict[str, Any]:
+    """BASE's ``config.json``: a JSON object (at most 16 MiB) whose ``quantization_config`` is an object or absent.
+
+    Raises:
+        CheckpointError: naming the file and the field.
+    """
+    path = base.real / CONFIG_FILE
+    try:
+        data = base.read(CONFIG_FILE, MAX_CONFIG_BYTES)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{base} has no readable {CONFIG_FILE} (is it a transformers model directory?): {exc}"
+        ) from exc
+    config = parse_json_object(data, path)
+    qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{path}: field 'quantization_config' must be an object, got {shorten(qc)}")
+    skip = (qc or {}).get("llm_int8_skip_modules")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(s, str) for s in skip)):
+        raise CheckpointError(
+            f"{path}: field 'quantization_config.llm_int8_skip_modules' must be a list of module names, "
+            f"got {shorten(skip)}"
+        )
+    return config
+
+
+def _model_class(transformers: Any, config: Any, path: Path) -> Any:
+    """The model class ``architectures[0]`` names, only if it is a transformers model class; else None
+    (a name transformers does not have: the auto class for the config's ``model_type`` is used)."""
+    architectures = getattr(config, "architectures", None) or []
+    if not isinstance(architectures, list):
+        raise CheckpointError(
+            f"{path}: field 'architectures' must be a list of class names, got {shorten(architectures)}"
+        )
+    if not architectures:
+        return None
+    name = architectures[0]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise CheckpointError(
+            f"{path}: field 'architectures[0]' must name a model class such as 'LlamaForCausalLM', got {shorten(name)}"
+        )
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # transformers' lazy module raises whatever the named module's import raises
+        cls = None
+    if cls is None:
+        return None
+    if (
+        not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel))
+        or cls is transformers.PreTrainedModel
+    ):
+        raise CheckpointError(
+            f"{path}: field 'architectures[0]' is {name!r}, which is not a transformers model class "
+            "(such as 'LlamaForCausalLM')"
+        )
+    return cls
+
+
+def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """``(linears, kept)``: the modules transformers quantizes when it loads ``base`` with a quantization
+    config (every ``nn.Linear`` except the ones it keeps in float), and the names it keeps in float
+    (output embeddings, tied weights, the base's skip list).
+
+    The model is built on the meta device from the config already read (no file is read again,
+    no remote code is run, and ``architectures`` may only name a transformers model class).
+    """
     try:
         import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformers.quantizers.base import get_keys_to_not_convert
     except ImportError as exc:
         raise CapabilityError(
             "exporting a float base to a quantized target needs transformers to find the linear layers "
             f"(pip install transformers): {exc}"
         ) from exc
-    config = transformers.AutoConfig.from_pretrained(base)
-    config.__dict__.pop("quantization_config", None)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, architecture, None) if architecture else None
-    with torch.device("meta"):
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    path = base.real / CONFIG_FILE
+    model_type = base_config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"{path}: field 'model_type' must be a model type transformers {transformers.__version__} knows "
+            f"(such as 'llama'), got {shorten(model_type)}; custom (remote) code is never run by the export"
+        )
+    fields = {k: v for k, v in base_config.items() if k not in ("quantization_config", "auto_map", "model_type")}
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception as exc:  # a config class refuses bad fields with any exception type
+        raise CheckpointError(
+            f"{path}: transformers cannot read it as a {model_type!r} config: {shorten(exc, 300)}"
+        ) from exc
+    cls = _model_class(transformers, config, path)
+    try:
+        with torch.device("meta"):
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception as exc:  # building from hostile fields: any exception type
+        what = cls.__name__ if cls is not None else f"a {model_type!r} model"
+        raise CheckpointError(f"{path}: transformers cannot build {what} from it: {shorten(exc, 300)}") from exc
     skip = set(get_keys_to_not_convert(model)) | set(
         (base_config.get("quantization_config") or {}).get("llm_int8_skip_modules") or []
     )
-    return {
+    linears = {
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)
     }
+    return linears, skip
 
 
 def _model_dtype(config: Mapping[str, Any], entries: Mapping[str, TensorEntry]) -> torch.dtype:
@@ -162,6 +257,8 @@ class Step:
 
 @dataclass
 class Plan:
+    """Every step of an export, the target, and what the plan decided about float linears."""
+
     steps: list[Step]
     target: Target
     target_backend: Backend | None
@@ -173,6 +270,12 @@ class Plan:
     cap: int
     peak: Step
     held: int
+    #: float linears of a float base kept in float for a quantized target (they were float when the
+    #: adapter was trained), and the names the written config must tell the loader to keep in float.
+    kept_float: list[str] = field(default_factory=list)
+    float_skip: list[str] = field(default_factory=list)
+    #: float linears quantized that were float when the adapter was trained (or not recorded).
+    quantized_float: list[str] = field(default_factory=list)
 
     @property
     def peak_estimate(self) -> int:
@@ -191,15 +294,31 @@ def _estimate(step: Step) -> int:
     return group.nbytes + copies * f32
 
 
+def _shape_problem(module: str, adapter: AdapterSource, shape: tuple[int, int]) -> str | None:
+    recorded = adapter.shapes.get(module)
+    if recorded is None or tuple(recorded) == tuple(shape):
+        return None
+    return (
+        f"{module}: the adapter was trained on a layer with in_features={recorded[0]}, out_features={recorded[1]}; "
+        f"the base's layer has in_features={shape[0]}, out_features={shape[1]}"
+    )
+
+
 def make_plan(
-    base: Path, adapter: AdapterSource, target: Target, max_memory: int | str | None
+    base: InputDirectory,
+    adapter: AdapterSource,
+    target: Target,
+    max_memory: int | str | None,
+    quantize_float_linears: bool = False,
 ) -> tuple[Plan, nn.Module | None]:
-    try:
-        base_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{base} has no readable config.json (is it a transformers model directory?): {exc}"
-        ) from exc
+    """Every step of the export, sized and checked; nothing is written.
+
+    Raises:
+        CheckpointError: unreadable base files, an adapted layer missing from the base or of another
+            shape than the adapter's (every such layer named with both shapes).
+        ConfigError: target options that do not validate, or a step that does not fit ``max_memory``.
+    """
+    base_config = read_base_config(base)
     entries = model_entries(base)
     groups = _groups(entries)
     base_qc = base_config.get("quantization_config")
@@ -247,14 +366,23 @@ def make_plan(
                 f"target {target.name!r}: options {options} do not validate for backend {target.backend!r}:\n{exc}"
             ) from exc
     linears: set[str] = set()
-    # A quantized base's float linears are the ones its quantizer kept in float: they stay so.
+    kept_float: set[str] = set()
+    skip: set[str] = set()
+    # A quantized base's float linears are the ones its quantizer kept in float: they stay so. A float
+    # base's are quantized as transformers would, except those that were float when the adapter was
+    # trained (the checkpoint records them): the export is the model that was trained.
     if (
         target_backend is not None
         and base_qc is None
         and any(g.float_weight and g.module not in adapted for g in groups)
     ):
-        linears = _linear_modules(base, base_config)
-    shapes = dict(adapter.shapes)
+        linears, skip = _linear_modules(base, base_config)
+        if adapter.float_linears is not None and not quantize_float_linears:
+            kept_float = linears & adapter.float_linears
+            linears -= kept_float
+    # Every adapted layer's shape is the base's own, compared with the one the adapter records.
+    shapes: dict[str, tuple[int, int]] = {}
+    problems: list[str] = []
     steps: list[Step] = []
     for group in groups:
         is_adapted = group.module in adapted
@@ -280,13 +408,23 @@ def make_plan(
                 action = "merge" if is_adapted else "copy"
             else:
                 action = "convert"
-            if action != "copy" and group.module not in shapes:
+            if action != "copy":
                 shape = layer_format(group, need_shape=True)[2]
         if shape is not None:
-            shapes.setdefault(group.module, shape)
+            shapes[group.module] = shape
+            if is_adapted and (problem := _shape_problem(group.module, adapter, shape)) is not None:
+                problems.append(problem)
+            elif is_adapted and adapter.state_shapes is not None:
+                found = adapter.state_shapes(group.module)
+                problems += planned_shape_problems(adapter.method, *shape, found, group.module)
         step = Step(group, action, is_adapted, shapes.get(group.module))
         step.estimate = _estimate(step)
         steps.append(step)
+    if problems:
+        raise CheckpointError(
+            f"the adapter in {adapter.directory} does not fit the base {base} ({len(problems)} layer(s); "
+            "nothing was written):\n  " + "\n  ".join(problems)
+        )
     if target_backend is None and target.dtype is None:
         raise ConfigError(f"target {target.name!r} has neither a dtype nor a backend")
     shared = None
@@ -315,6 +453,9 @@ def make_plan(
         cap,
         peak,
         held,
+        sorted(kept_float),
+        sorted(skip | kept_float) if kept_float else [],
+        sorted(name for name in linears if name not in adapted and name in by_module and by_module[name].float_weight),
     )
     if plan.peak_estimate > cap:
         raise ConfigError(

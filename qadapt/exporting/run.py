@@ -8,7 +8,9 @@ change are copied (or cast) in chunks, never whole.
 Backends do all format work through the optional checkpoint members of the protocol
 (``from_checkpoint`` / ``to_checkpoint`` / ``checkpoint_config`` / ``storage_options``); which
 target names exist (``nf4``, ``int8``, ...) is declared by the backends (``export_targets``).
-The output is written to a temporary directory beside ``out`` and renamed at the end.
+Every file of BASE and ADAPTER is read inside its directory only (:mod:`qadapt.formats.local_files`);
+OUT may not be, hold or lie inside either. The output is written to a temporary directory beside
+``out`` and moved into place at the end (:mod:`.output`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from tqdm.auto import tqdm
 
 from qadapt.errors import CheckpointError, ConfigError
 from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
+from qadapt.exporting.output import OutputSlot, check_out, recover_stale
 from qadapt.exporting.plan import Plan, Step, make_plan, mib, read_storage
 from qadapt.exporting.targets import resolve_target
 from qadapt.formats.hf_checkpoint import ShardWriter, parse_size, read_tensors
+from qadapt.formats.local_files import InputDirectory
 from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merge_storage, merged_bias
 from qadapt.merging.figures import FigureSums, check_finite, weight_figures
 from qadapt.merging.result import LayerFigures, MergeResult
@@ -43,8 +46,32 @@ from qadapt.registry.reference import FloatBackend
 #: transformers' own default shard size (``save_pretrained``).
 DEFAULT_SHARD_SIZE = "50GB"
 REPORT_FILE = "qadapt_export_report.json"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
-_SKIPPED_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+#: The files of BASE copied into OUT beside the weights and config.json (tokenizer, processor,
+#: generation settings, model card, licence); any other file is left out and listed in the report.
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "README.md",
+    "LICENSE",
+    "LICENSE.txt",
+    "LICENSE.md",
+    "NOTICE",
+)
+#: BASE files the export writes anew or never needs (not reported as left out).
+_REWRITTEN = {"config.json", "model.safetensors", "model.safetensors.index.json", REPORT_FILE}
 
 
 def _quantize(backend: Backend, weight: torch.Tensor) -> QuantizedWeight:
@@ -69,6 +96,17 @@ class ExportReport(LayerFigures):
     peak_estimate: int
     max_memory: int
     largest_tensor_bytes: int
+    #: BASE's side files copied into OUT (:data:`SIDE_FILES`), and the other files of BASE left out.
+    copied_files: list[str] = field(default_factory=list)
+    left_out_files: list[str] = field(default_factory=list)
+    #: what was cleaned beside OUT first: leftovers of exports that were killed.
+    recovered: list[str] = field(default_factory=list)
+    #: float linears of a float base kept in float for a quantized target, as they were when the adapter
+    #: was trained; and the float linears (not adapted) quantized, each with its relative weight error.
+    kept_float: list[str] = field(default_factory=list)
+    quantized_float: dict[str, float] = field(default_factory=dict)
+    #: whether the adapter recorded its model's float linears (qadapt checkpoints since they do; not PEFT).
+    float_linears_recorded: bool = True
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,6 +126,26 @@ class ExportReport(LayerFigures):
             f"memory: estimated peak {mib(self.peak_estimate)} of max_memory {mib(self.max_memory)} "
             f"(largest tensor {mib(self.largest_tensor_bytes)})",
         ]
+        if self.kept_float:
+            lines.append(
+                f"{len(self.kept_float)} float linear(s) kept in float, as they were when the adapter was trained "
+                "(quantize_float_linears=True / --quantize-float-linears quantizes them)"
+            )
+        if self.quantized_float:
+            worst = max(self.quantized_float.values())
+            why = (
+                "they were float when the adapter was trained"
+                if self.float_linears_recorded
+                else "the adapter does not record which linears were float when it was trained"
+            )
+            lines.append(
+                f"{len(self.quantized_float)} float linear(s) not adapted were quantized, as transformers would "
+                f"({why}): max relative weight error {worst:.3g}"
+            )
+        if self.left_out_files:
+            shown = ", ".join(self.left_out_files[:8]) + (", ..." if len(self.left_out_files) > 8 else "")
+            lines.append(f"not copied from BASE (not a known tokenizer/config file): {shown}")
+        lines += self.recovered
         return "\n".join(lines)
 
 
@@ -103,6 +161,7 @@ def export(
     backend_options: Mapping[str, Any] | None = None,
     requantize: str | None = None,
     progress: bool = True,
+    quantize_float_linears: bool = False,
 ) -> ExportReport:
     """Merge ``adapter`` into the model at ``base`` and write a model directory at ``out``.
 
@@ -115,34 +174,58 @@ def export(
         max_memory: cap on working memory (bytes or ``"2GiB"``); default ``MEMORY_MULTIPLE`` (8) float32 copies of the
             base's largest tensor. Checked for every layer before anything is written.
         max_shard_size: bytes of tensor data per output shard (transformers' default, ``"50GB"``).
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` directory (or symlink; never a file), in one atomic swap.
         backend_options: options for the target backend, over the target's and the base's own.
         requantize: the merge's requantize mode (``merge_storage``'s default when None).
         progress: show a progress bar (layers/s and bytes written).
+        quantize_float_linears: for a float base and a quantized target, also quantize the float linears
+            that were float when the adapter was trained (the checkpoint records them; by default they stay
+            float, so the export is the model that was trained). The report gives each one's cost.
+
+    Every file is read inside ``base`` or ``adapter`` only (a symlink out of them, a FIFO or device,
+    an index entry with ``..`` is refused); of BASE's other files only :data:`SIDE_FILES` are copied.
+    On any failure nothing is written: ``out`` (absent, or the old one) is as it was.
 
     Raises:
-        ConfigError: unknown target, bad options, ``out`` exists, or ``max_memory`` too small.
-        CheckpointError: unreadable base or adapter, or an adapter that does not fit the base.
+        ConfigError: unknown target, bad options, ``out`` exists (without ``overwrite``), is not a directory,
+            or is, holds or lies inside BASE or ADAPTER, or ``max_memory`` too small.
+        CheckpointError: unreadable or hostile base or adapter files (naming the file and field), or an
+            adapter that does not fit the base (every layer of another shape, with both shapes).
         CapabilityError: the target's backend cannot write checkpoints.
     """
     started = time.perf_counter()
-    base, adapter_dir, out = Path(base), Path(adapter), Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"out={str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    out = Path(out)
+    # The arguments first (nothing is read), then the paths.
     if requantize is not None:
         check_requantize_mode(requantize)
     shard_size = parse_size(max_shard_size, "max_shard_size")
+    if max_memory is not None:
+        parse_size(max_memory, "max_memory")
     target = resolve_target(to, backend_options)
+    if requantize is not None and target.dtype is not None:
+        raise ConfigError(
+            f"requantize={requantize!r} applies to quantized targets; target {to!r} is a float dtype (every layer is "
+            "merged in float32 and cast, nothing is requantized): leave requantize out"
+        )
+    recovered = recover_stale(out)  # first: an OUT a killed overwrite left parked is back before it is checked
+    base_dir, adapter_dir = InputDirectory(base, "BASE"), InputDirectory(adapter, "ADAPTER")
+    check_out(out, {"BASE": base_dir.real, "ADAPTER": adapter_dir.real}, overwrite)
     source = read_adapter_source(adapter_dir)
-    plan, shared = make_plan(base, source, target, max_memory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qadapt-export-", dir=out.parent))
-    writer = ShardWriter(tmp, shard_size)
-    try:
-        results, qc = _run(plan, source, shared, writer, requantize, progress)
-        files = writer.finish()
-        _write_config(tmp, plan, qc)
-        _copy_side_files(base, tmp)
+    if not isinstance(quantize_float_linears, bool):
+        raise ConfigError(f"quantize_float_linears must be True or False, got {quantize_float_linears!r}")
+    plan, shared = make_plan(base_dir, source, target, max_memory, quantize_float_linears)
+    side_files, left_out = _side_files(base_dir)
+    with OutputSlot(out) as slot:
+        writer = ShardWriter(slot.tmp, shard_size)
+        try:
+            quantized: dict[str, float] = {}
+            results, qc = _run(plan, source, shared, writer, requantize, progress, quantized)
+            files = writer.finish()
+        finally:
+            writer.abort()
+        _write_config(slot.tmp, plan, qc)
+        for name in side_files:
+            _copy_side_file(base_dir, name, slot.tmp)
         report = ExportReport(
             str(out),
             target.name,
@@ -154,26 +237,35 @@ def export(
             plan.peak_estimate,
             plan.cap,
             plan.largest.nbytes,
+            side_files,
+            left_out,
+            recovered,
+            plan.kept_float,
+            {name: quantized[name] for name in plan.quantized_float if name in quantized},
+            source.float_linears is not None,
         )
-        (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (slot.tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        slot.commit(overwrite)
     return report
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise ConfigError(f"out={str(out)!r} appeared during the export; pass overwrite=True to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.qadapt-old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def _side_files(base: InputDirectory) -> tuple[list[str], list[str]]:
+    """``(side files to copy, other files of BASE left out)``; a listed file that is a symlink out of
+    BASE, or not a regular file, is refused now, before anything is written."""
+    present = sorted(p.name for p in base.real.iterdir() if not p.name.startswith("."))
+    copy = [name for name in SIDE_FILES if name in present]
+    for name in copy:
+        base.open(name, f"BASE side file {name}")[0].close()
+    weights = {name for name in present if name.endswith(".safetensors")}
+    left_out = [name for name in present if name not in copy and name not in _REWRITTEN and name not in weights]
+    return copy, left_out
+
+
+def _copy_side_file(base: InputDirectory, name: str, directory: Path) -> None:
+    """One side file copied by content, opened inside BASE only."""
+    handle, _ = base.open(name, f"BASE side file {name}")
+    with handle, open(directory / name, "xb") as target:
+        shutil.copyfileobj(handle, target)
 
 
 def _write_config(directory: Path, plan: Plan, qc: dict[str, Any] | None) -> None:
@@ -185,16 +277,11 @@ def _write_config(directory: Path, plan: Plan, qc: dict[str, Any] | None) -> Non
         if "torch_dtype" in config:
             config["torch_dtype"] = name
     elif qc is not None:
+        if plan.float_skip:
+            assert plan.target_backend is not None
+            qc = {**qc, **plan.target_backend.float_modules_config(plan.float_skip)}
         config["quantization_config"] = qc
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _copy_side_files(base: Path, directory: Path) -> None:
-    """Tokenizer, generation config and other small files; weights and config.json are written anew."""
-    for path in sorted(base.iterdir()):
-        if path.is_file() and path.name not in _SKIPPED_FILES and not path.name.startswith("."):
-            if path.suffix not in _WEIGHT_SUFFIXES and path.name != REPORT_FILE:
-                shutil.copy2(path, directory / path.name)
 
 
 def _run(
@@ -204,6 +291,7 @@ def _run(
     writer: ShardWriter,
     requantize: str | None,
     progress: bool,
+    quantized: dict[str, float],
 ) -> tuple[dict[str, MergeResult], dict[str, Any] | None]:
     results: dict[str, MergeResult] = {}
     config: dict[str, Any] | None = None
@@ -216,7 +304,7 @@ def _run(
                 cast = plan.target.dtype if step.action == "cast" and entry.is_float else None
                 writer.add_streamed(entry.key, entry, cast)
         else:
-            produced = _layer(step, plan, source, shared, writer, results, merge_kwargs)
+            produced = _layer(step, plan, source, shared, writer, results, merge_kwargs, quantized)
             if produced is not None:
                 if config is None:
                     config = produced
@@ -241,6 +329,7 @@ def _layer(
     writer: ShardWriter,
     results: dict[str, MergeResult],
     merge_kwargs: dict[str, Any],
+    quantized: dict[str, float],
 ) -> dict[str, Any] | None:
     group, target = step.group, plan.target
     tensors = read_tensors(group.entries.values())
@@ -289,7 +378,11 @@ def _layer(
         if step.action == "merge":
             new = storage
         elif step.action == "quantize":
-            new = _quantize(tb, storage.tensors["weight"])
+            weight_in = storage.tensors["weight"]
+            new = _quantize(tb, weight_in)
+            if adapter is None:  # a float linear quantized as it is: what that costs
+                error, _ = weight_figures(weight_in.float(), weight_in.float(), tb.dequantize(new), precision="float32")
+                quantized[group.module] = error
         else:  # convert: from another format, through the float (merged) weight, guarded like a merge
             model_dtype = plan.model_dtype
 

@@ -19,6 +19,8 @@ FLOAT_TARGETS: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+
+
 @dataclass(frozen=True)
 class Target:
     """An export target: a float dtype, or a backend with options over the base's format."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from qadapt.formats.checkpoint_files import (
     read_once,
     read_pair,
 )
+from qadapt.protocols import Method
 
 WEIGHTS_FILE = "qadapt_adapter.safetensors"
 CONFIG_FILE = "qadapt_config.json"
@@ -60,6 +62,34 @@ def mismatch_problem(
     if bool((finite & ~torch.isfinite(saved.to(expected.dtype))).any()):
         return f"tensor {key!r} holds values that overflow the model's {expected.dtype} ({saved.dtype} in {where})"
     return None
+
+
+def planned_shape_problems(
+    method: Method, in_features: int, out_features: int, shapes: Mapping[str, tuple[int, ...]], layer: str
+) -> list[str]:
+    """How a file's tensor shapes (``shapes``: the adapter's state-dict keys) differ from the adapter
+    ``method`` builds for an ``in_features -> out_features`` layer, found on the meta device: nothing is
+    allocated, so a config that asks for ``r=65536`` over rank-4 tensors is refused before it costs memory.
+
+    [] when they agree, or when the method's adapter cannot be built on the meta device (then the
+    load's own check, after allocating, decides).
+    """
+    try:
+        with torch.device("meta"):
+            adapter = method.create_adapter(in_features, out_features, None)
+        expected = {key: tuple(t.shape) for key, t in adapter.state_dict().items()}
+    except Exception:  # a plugin's create_adapter may need real tensors (random draws, .item())
+        return []
+    problems = []
+    for key in sorted(set(expected) | set(shapes)):
+        if key not in shapes or key not in expected:
+            continue  # missing and unexpected keys are reported by the load with their names
+        if tuple(shapes[key]) != expected[key]:
+            problems.append(
+                f"tensor {layer}.{key!s} has shape {tuple(shapes[key])} in the file; an adapter with the config's "
+                f"options on this {in_features} -> {out_features} layer holds {expected[key]}"
+            )
+    return problems
 
 
 def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -95,6 +125,8 @@ class _Description(BaseModel):
     format_version: int
     config: dict[str, Any]
     layers: dict[str, tuple[PositiveInt, PositiveInt]]
+    #: the model's plain float linears outside the adapted layers when it was saved (None: not recorded).
+    float_linears: list[str] | None = None
     versions: dict[str, Any] = {}
     aliases: dict[str, str] = {}
 
@@ -137,7 +169,7 @@ def _parse_description(header: str, path: Path) -> dict[str, Any]:
 def _check_config_file(directory: Path, metadata: dict[str, str], description: dict[str, Any], path: Path) -> None:
     """Refuse a ``qadapt_config.json`` that was not written with the weights file."""
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         return  # the weights file describes itself; the config is a copy for people and tools
     data = read_once(config_path, limit=MAX_CONFIG_BYTES)
     if CONFIG_DIGEST_KEY in metadata:
@@ -166,7 +198,7 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterCheckpoint:
 
 def _read_adapter_once(directory: Path) -> AdapterCheckpoint:
     path = directory / WEIGHTS_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         hint = (
             " (it looks like a PEFT adapter: use qadapt.load_peft_adapter)"
             if (directory / "adapter_config.json").is_file()

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from qadapt.errors import CheckpointError, PairMismatchError, clip, shorten
+from qadapt.formats.local_files import InputDirectory
 from qadapt.formats.safetensors_header import header_length, parse_header
 
 T = TypeVar("T")
@@ -42,16 +43,13 @@ def sha256(data: bytes) -> str:
 
 
 def read_once(path: Path, limit: int | None = None) -> bytes:
-    """The whole file, read through one open handle (a later rename of ``path`` cannot change it)."""
-    try:
-        with open(path, "rb") as handle:
-            if limit is not None and os.fstat(handle.fileno()).st_size > limit:
-                raise CheckpointError(f"{path} is larger than {limit} bytes; it is not a checkpoint file")
-            return handle.read()
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path} is missing") from exc
-    except OSError as exc:
-        raise CheckpointError(f"{path} cannot be read: {exc}") from exc
+    """The whole file, read through one open handle (a later rename of ``path`` cannot change it).
+
+    The file is opened inside its own directory only (:class:`~qadapt.formats.local_files.InputDirectory`):
+    a symlink out of the checkpoint directory, or a FIFO or device, is refused.
+    """
+    directory = InputDirectory(path.parent, "the checkpoint directory")
+    return directory.read(path.name, limit)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

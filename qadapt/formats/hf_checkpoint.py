@@ -1,9 +1,10 @@
 """Streaming safetensors input and output for :mod:`qadapt.exporting.run`: one tensor in memory at a time.
 
 Input: the headers of a model directory's ``*.safetensors`` files (one file, or shards listed by
-``model.safetensors.index.json``) are read without touching the data; tensors are then read with
-``safetensors.safe_open`` a layer at a time, or streamed in chunks (copied or cast) without ever
-being whole in memory.
+``model.safetensors.index.json``) are read and checked (:mod:`.safetensors_header`) without
+touching the data; every file is opened inside the directory only (:mod:`.local_files`). Tensors
+are then read by offset from the same, unchanged files, a layer at a time, or streamed in chunks
+(copied or cast) without ever being whole in memory.
 
 Output: :class:`ShardWriter` appends tensors to the current shard file as they come. A shard is
 written with room reserved for its header (safetensors allows a header padded with spaces), so
@@ -15,21 +16,26 @@ and indexes them (``model.safetensors``, or ``model-00001-of-0000N.safetensors``
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from qadapt.errors import CheckpointError, ConfigError
+from qadapt.errors import CheckpointError, ConfigError, shorten
+from qadapt.formats.checkpoint_files import parse_json_object
+from qadapt.formats.local_files import FileIdentity, InputDirectory
 from qadapt.formats.safetensors_header import header_length, parse_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: An index is a few MB even for the largest models; a larger one is refused unread.
+MAX_INDEX_BYTES = 64 * 2**20
 #: Bytes copied or cast per step when a tensor is streamed (never held whole).
 CHUNK_BYTES = 32 * 2**20
 #: Room reserved at the start of each shard for its header; a larger header costs one copy of the shard.
@@ -40,15 +46,23 @@ _DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "C64": torch.complex64,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
+if hasattr(torch, "float8_e8m0fnu"):
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
@@ -63,6 +77,8 @@ class TensorEntry:
     #: absolute byte range of the data in ``file``.
     start: int
     end: int
+    #: the file whose header this entry came from: reads must find the same file, unchanged.
+    source: FileIdentity | None = None
 
     @property
     def nbytes(self) -> int:
@@ -70,81 +86,128 @@ class TensorEntry:
 
     @property
     def dtype(self) -> torch.dtype | None:
+        """The torch dtype, or None for a code torch has no dtype for (``F4``, ``F6_*``): copied as bytes only."""
         return _DTYPES.get(self.code)
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def is_float(self) -> bool:
         return self.dtype is not None and self.dtype.is_floating_point
 
+    def open(self) -> BinaryIO:
+        """The entry's file, opened again (the same, unchanged file whose header was read)."""
+        if self.source is None:
+            return open(self.file, "rb")
+        return self.source.open()
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor entry of one safetensors file, in data order, checked by
-    :func:`~qadapt.formats.safetensors_header.parse_header` (no tensor data is read)."""
+
+def read_header(handle: BinaryIO, identity: FileIdentity, shown: Path) -> dict[str, TensorEntry]:
+    """Every tensor entry of one opened safetensors file, in data order, checked by
+    :func:`~qadapt.formats.safetensors_header.parse_header` (no tensor data is read).
+    ``shown``: the path errors name."""
     try:
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            length = header_length(handle.read(8), file_size, path)
-            raw = handle.read(length)
+        length = header_length(handle.read(8), identity.size, shown)
+        raw = handle.read(length)
     except OSError as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    _, parsed = parse_header(raw, file_size - 8 - length, path)
+        raise CheckpointError(f"{shown} is not a readable safetensors file: {exc}") from exc
+    if len(raw) != length:
+        raise CheckpointError(f"{shown} ends inside its own header")
+    _, parsed = parse_header(raw, identity.size - 8 - length, shown)
     base = 8 + length
-    return {e.key: TensorEntry(e.key, path, e.code, e.shape, base + e.begin, base + e.end) for e in parsed}
+    return {e.key: TensorEntry(e.key, shown, e.code, e.shape, base + e.begin, base + e.end, identity) for e in parsed}
 
 
-def model_entries(directory: Path) -> dict[str, TensorEntry]:
-    """Every tensor of a transformers model directory (single file or sharded), in file order."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a safetensors index (with a weight_map): {exc}") from exc
+def file_entries(directory: InputDirectory, name: str, field: str | None = None) -> dict[str, TensorEntry]:
+    """The checked header entries of safetensors file ``name`` inside ``directory``."""
+    handle, identity = directory.open(name, field)
+    with handle:
+        return read_header(handle, identity, directory.real / name)
+
+
+def _weight_map(directory: InputDirectory) -> dict[str, str]:
+    index = directory.real / INDEX_FILE
+    data = parse_json_object(directory.read(INDEX_FILE, MAX_INDEX_BYTES), index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index}: field 'weight_map' must map tensor names to shard files "
+            f'({{"model.norm.weight": "model-00001-of-00002.safetensors", ...}}), got {shorten(weight_map)}'
+        )
+    for key, name in weight_map.items():
+        field = f"{index}: weight_map[{shorten(key)}]"
+        directory.check_name(name, field)
+        if not name.endswith(".safetensors"):
+            raise CheckpointError(f"{field} must name a .safetensors file, got {shorten(name)}")
+    return weight_map
+
+
+def model_entries(directory: InputDirectory) -> dict[str, TensorEntry]:
+    """Every tensor of a transformers model directory (single file or sharded), in file order.
+
+    Raises:
+        CheckpointError: no weights, an index that is not a JSON object with a ``weight_map`` of
+            file names inside the directory, a shard header that does not check, or an index and
+            shards that disagree (a tensor in two shards, listed for a shard that lacks it, or in a
+            shard the index does not map it to).
+    """
+    if directory.lexists(INDEX_FILE):
+        weight_map = _weight_map(directory)
         files = list(dict.fromkeys(weight_map.values()))
-    elif (directory / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
+    elif directory.lexists(SINGLE_FILE):
+        weight_map, files = None, [SINGLE_FILE]
     else:
-        found = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        found = sorted(p.name for p in directory.real.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
         raise CheckpointError(
             f"{directory} holds no {SINGLE_FILE} or {INDEX_FILE}; the export reads transformers safetensors "
             f"checkpoints (found: {', '.join(found) or 'no weight files'})"
         )
     entries: dict[str, TensorEntry] = {}
+    owner: dict[str, str] = {}
     for name in files:
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{INDEX_FILE} in {directory} lists {name}, which is missing")
-        entries.update(read_header(path))
+        field = None if weight_map is None else f"{INDEX_FILE} shard {shorten(name)}"
+        for key, entry in file_entries(directory, name, field).items():
+            if key in owner:
+                raise CheckpointError(
+                    f"{directory}: tensor {shorten(key)} is in two shards, {owner[key]} and {name}; "
+                    "a checkpoint holds each tensor once"
+                )
+            if weight_map is not None and weight_map.get(key) != name:
+                mapped = weight_map.get(key)
+                where = "does not list it" if mapped is None else f"maps it to {shorten(mapped)}"
+                raise CheckpointError(
+                    f"{directory}: tensor {shorten(key)} is in shard {name}, but {INDEX_FILE} {where}"
+                )
+            owner[key] = name
+            entries[key] = entry
+    if weight_map is not None:
+        missing = [key for key in weight_map if key not in entries]
+        if missing:
+            raise CheckpointError(
+                f"{directory}: {INDEX_FILE} maps {len(missing)} tensor(s) to shards that do not hold them "
+                f"(e.g. {shorten(missing[0])} in {shorten(weight_map[missing[0]])})"
+            )
     return entries
 
 
 def read_tensors(entries: Iterable[TensorEntry]) -> dict[str, torch.Tensor]:
-    """The tensors of ``entries`` (one layer's worth).
+    """The tensors of ``entries`` (one layer's worth), each read straight into its own memory (no file
+    mapping, whose pages would count as resident beside the copy).
 
-    A tensor of a known dtype is read straight into its own memory (no file mapping, whose pages
-    would count as resident beside the copy); others through ``safe_open``, each file opened once.
+    Raises:
+        CheckpointError: a dtype torch has no type for (such tensors are only copied as bytes), or a
+            file that changed or ends early.
     """
-    by_file: dict[Path, list[str]] = {}
     out: dict[str, torch.Tensor] = {}
     for entry in entries:
         if entry.dtype is None:
-            by_file.setdefault(entry.file, []).append(entry.key)
-        else:
-            out[entry.key] = read_tensor(entry)
-    for path, keys in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in keys:
-                    out[key] = handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read {', '.join(keys)}: {exc}") from exc
+            raise CheckpointError(
+                f"{entry.file}: tensor {entry.key!r} has dtype {entry.code}, which torch has no type for; "
+                "the export can copy such a tensor but not read it as a layer's weight"
+            )
+        out[entry.key] = read_tensor(entry)
     return out
 
 
@@ -159,7 +222,7 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
         )
     if entry.nbytes:
         try:
-            with open(entry.file, "rb") as handle:
+            with entry.open() as handle:
                 handle.seek(entry.start)
                 got = handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         except OSError as exc:
@@ -169,22 +232,38 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return tensor
 
 
+#: The largest size accepted (an exabyte: any larger is a typo, and floats lose whole bytes there).
+MAX_SIZE = 2**60
+
+
 def parse_size(value: int | str, field: str) -> int:
-    """``"5GB"``, ``"500MiB"``, ``"2e9"`` or an int -> bytes (transformers' units: GB = 10^9, GiB = 2^30)."""
-    if isinstance(value, int) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    if match:
-        try:
-            number = float(match.group(1))
-        except ValueError:
-            number = -1.0
-        size = int(number * units[(match.group(2) or "B").upper()])
-        if size > 0:
-            return size
-    raise ConfigError(f"{field} must be a positive size such as 2000000000, '5GB' or '500MiB', got {value!r}")
+    """``"5GB"``, ``"500MiB"``, ``"2e9"`` or an int -> bytes (transformers' units: GB = 10^9, GiB = 2^30).
+
+    Raises:
+        ConfigError: naming ``field`` and the value: not a size, not positive, not finite, a bool, or
+            above :data:`MAX_SIZE`.
+    """
+    size = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
+        units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+        if match:
+            try:
+                number = float(match.group(1))
+            except ValueError:
+                number = math.nan
+            scaled = number * units[(match.group(2) or "B").upper()]
+            if math.isfinite(scaled):
+                size = int(scaled)
+    if size is not None and 0 < size <= MAX_SIZE:
+        return size
+    raise ConfigError(
+        f"{field} must be a positive size of at most 2**60 bytes, such as 2000000000, '5GB' or '500MiB', "
+        f"got {shorten(value)}"
+    )
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -271,7 +350,7 @@ class ShardWriter:
         source = entry.dtype
         if dtype is None or source is None or dtype == source:
             self._room_for(entry.nbytes)
-            with open(entry.file, "rb") as handle:
+            with entry.open() as handle:
                 handle.seek(entry.start)
                 left = entry.nbytes
                 while left:
@@ -289,12 +368,14 @@ class ShardWriter:
         nbytes = entry.numel * size_out
         self._room_for(nbytes)
         step = max(1, CHUNK_BYTES // size_in)
-        with open(entry.file, "rb") as handle:
+        with entry.open() as handle:
             handle.seek(entry.start)
             left = entry.numel
             while left:
                 count = min(step, left)
                 raw = bytearray(handle.read(count * size_in))
+                if len(raw) != count * size_in:
+                    raise CheckpointError(f"{entry.file} ends inside tensor {entry.key!r}")
                 part = torch.frombuffer(raw, dtype=source).to(dtype)
                 self._handle.write(_tensor_bytes(part))
                 left -= count

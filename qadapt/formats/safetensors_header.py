@@ -18,13 +18,18 @@ from qadapt.errors import CheckpointError, shorten
 #: The safetensors format's own cap on its JSON header (100 MB); larger is refused unread.
 MAX_HEADER_BYTES = 100_000_000
 
-#: Bytes per element of each dtype code (sub-byte and future codes are checked for offsets only).
-ITEM_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+#: Bits per element of every dtype code safetensors (0.8) reads; any other code is refused, as
+#: safetensors refuses it. A sub-byte tensor (``F4``, ``F6_*``) must fill whole bytes.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64,
+    "F64": 64, "I64": 64, "U64": 64,
 }  # fmt: skip
+
+
+_MAX_U64 = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -52,21 +57,39 @@ def header_length(prefix: bytes, file_size: int, path: Path) -> int:
     return size
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads`` object hook: a key given twice is refused (JSON would keep the last silently)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_header(raw: bytes, data_size: int, path: Path) -> tuple[dict[str, str], list[HeaderEntry]]:
     """``(metadata, entries in data order)`` from the header's bytes; ``data_size``: bytes after the header.
 
     Raises:
-        CheckpointError: naming ``path`` and the field: not UTF-8 JSON, not an object, metadata that is
-            not string to string, a dtype, shape or offset pair that is malformed, a byte count that
-            does not fit the dtype and shape, tensors that overlap, or data not covered exactly.
+        CheckpointError: naming ``path`` and the field: not UTF-8 JSON, a key given twice, not an
+            object, metadata that is not string to string, a dtype code safetensors does not read, a
+            shape or offset pair that is malformed, a byte count that does not fit the dtype and
+            shape, tensors that overlap, or data not covered exactly.
     """
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise _bad(path, f"its header names {shorten(str(exc))} twice") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _bad(path, f"its header is not UTF-8 JSON ({shorten(exc, 200)})") from exc
     if not isinstance(header, dict):
         raise _bad(path, f"its header is a {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(path, f"header field '__metadata__' must map names to strings, got {shorten(metadata)}")
     entries = [_entry(key, value, data_size, path) for key, value in header.items()]
@@ -87,8 +110,9 @@ def _entry(key: str, value: object, data_size: int, path: Path) -> HeaderEntry:
     if not isinstance(value, dict):
         raise _bad(path, f"{where} must be an object with dtype, shape and data_offsets, got {shorten(value)}")
     code, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
-    if not isinstance(code, str) or not code:
-        raise _bad(path, f"{where}.dtype must be a dtype code such as 'F32', got {shorten(code)}")
+    if not isinstance(code, str) or code not in DTYPE_BITS:
+        codes = ", ".join(DTYPE_BITS)
+        raise _bad(path, f"{where}.dtype must be one of the safetensors dtype codes ({codes}), got {shorten(code)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(path, f"{where}.shape must be a list of non-negative integers, got {shorten(shape)}")
     if (
@@ -102,10 +126,14 @@ def _entry(key: str, value: object, data_size: int, path: Path) -> HeaderEntry:
     numel = 1
     for d in shape:
         numel *= d
-    item = ITEM_BYTES.get(code)
-    if item is not None and offsets[1] - offsets[0] != numel * item:
+        if numel > _MAX_U64 or d > _MAX_U64:  # safetensors counts elements in 64 bits and refuses an overflow
+            raise _bad(path, f"{where}.shape {shorten(shape)} overflows a 64-bit element count")
+    bits = numel * DTYPE_BITS[code]
+    if bits % 8:
+        raise _bad(path, f"tensor {shorten(key)}: {code} {shape} is {bits} bits, not a whole number of bytes")
+    if offsets[1] - offsets[0] != bits // 8:
         raise _bad(
             path,
-            f"tensor {shorten(key)} holds {offsets[1] - offsets[0]} bytes, but {code} {shape} needs {numel * item}",
+            f"tensor {shorten(key)} holds {offsets[1] - offsets[0]} bytes, but {code} {shape} needs {bits // 8}",
         )
     return HeaderEntry(key, code, tuple(shape), offsets[0], offsets[1])

@@ -8,10 +8,16 @@ a merge kept, so the reported figure is not judged on the rows it was fit to.
 For a layer with input rows ``x [in]``, the statistics are ``H = sum x x^T`` (float32 ``[in, in]``)
 and the row count. ``||X E^T||^2 = tr(E H E^T)``, so H turns a weight error ``E [out, in]`` into
 the output error on those rows.
+
+At most ``limit`` batches are read from the iterable (:data:`DEFAULT_MAX_BATCHES`; an endless data
+loader is never read to its end), and a batch that makes any layer's statistics non-finite (NaN
+or infinite inputs, or inputs whose squares overflow float32) is refused with its index and the
+layer's name.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,11 +26,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from qadapt.errors import ArgumentTypeError, ConfigError
+from qadapt.errors import ArgumentTypeError, ConfigError, InputError
 from qadapt.protocols import CalibrationStats
 
 #: Calibrated requantization hurt below this many fit rows per input feature (measured).
 MIN_ROWS_PER_FEATURE = 4
+#: Calibration batches read at most (``merge(max_calibration_batches=...)``).
+DEFAULT_MAX_BATCHES = 256
+#: One calibration batch and its position in the iterable (0-based), named in errors.
+Indexed = tuple[int, Any]
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The calibration batches read: fit and held-out ones with their positions, and whether the
+    iterable was cut at the limit (``limited``: it had more, or may have: a generator at the limit)."""
+
+    fit: list[Indexed]
+    heldout: list[Indexed]
+    limited: bool
+    limit: int
+
+    @property
+    def count(self) -> int:
+        return len(self.fit) + len(self.heldout)
 
 
 @dataclass
@@ -40,28 +65,47 @@ class LayerStats:
         return CalibrationStats(self.fit, self.fit_rows, damp)
 
 
-def split_batches(batches: Iterable[Any]) -> tuple[list[Any], list[Any]]:
-    """``(fit, heldout)``: every fourth batch held out (the last one when there are 2 or 3)."""
-    if isinstance(batches, (torch.Tensor, Mapping)):
+def check_limit(limit: object) -> int:
+    """``limit`` if it is a whole number of batches >= 2."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+        raise ConfigError(f"max_calibration_batches must be a whole number of batches >= 2, got {limit!r}")
+    return limit
+
+
+def split_batches(batches: Iterable[Any], limit: int = DEFAULT_MAX_BATCHES) -> Batches:
+    """The first ``limit`` batches of ``batches``, every fourth held out (the last one when there are 2 or 3).
+
+    Raises:
+        ArgumentTypeError: not an iterable of model inputs.
+        ConfigError: fewer than 2 batches, or a bad ``limit``.
+    """
+    check_limit(limit)
+    if isinstance(batches, (torch.Tensor, Mapping, str, bytes)):
         raise ArgumentTypeError(
             "calibration must be an iterable of model inputs (e.g. a list of batches), "
             f"got a single {type(batches).__name__}; wrap it in a list of at least two batches"
         )
     try:
-        items = list(batches)
+        iterator = iter(batches)
     except TypeError:
         raise ArgumentTypeError(
             f"calibration must be an iterable of model inputs, got {type(batches).__name__}"
         ) from None
+    items = list(enumerate(itertools.islice(iterator, limit)))
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    limited = len(items) == limit and (total is None or total > limit)
     if len(items) < 2:
         raise ConfigError(
             f"calibration needs at least 2 batches (one is held out to measure what the merge kept), got {len(items)}"
         )
     if len(items) < 4:
-        return items[:-1], items[-1:]
-    fit = [b for i, b in enumerate(items) if i % 4 != 3]
-    heldout = [b for i, b in enumerate(items) if i % 4 == 3]
-    return fit, heldout
+        return Batches(items[:-1], items[-1:], limited, limit)
+    fit = [b for b in items if b[0] % 4 != 3]
+    heldout = [b for b in items if b[0] % 4 == 3]
+    return Batches(fit, heldout, limited, limit)
 
 
 def run_model(model: nn.Module, batch: Any) -> Any:
@@ -102,14 +146,31 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
+def _check_finite(stats: Mapping[str, LayerStats], index: int, held: bool) -> None:
+    """Refuse batch ``index`` when it made a layer's statistics non-finite (checked on H's diagonal,
+    ``sum x_j^2``: a NaN, an infinity or an overflowing square of any input shows there)."""
+    for name, s in stats.items():
+        h = s.heldout if held else s.fit
+        if not bool(torch.isfinite(torch.diagonal(h)).all()):
+            raise InputError(
+                f"calibration batch {index} makes the input statistics of layer {name} non-finite: its inputs "
+                "there hold NaN or infinite values, or values whose squares overflow float32 (|x| > 1.8e19); "
+                "check that batch (and the model's outputs on it). Nothing was changed"
+            )
+
+
 @torch.no_grad()
 def collect_stats(
-    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], fit: Sequence[Any], heldout: Sequence[Any]
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], fit: Sequence[Indexed], heldout: Sequence[Indexed]
 ) -> dict[str, LayerStats]:
     """Run the calibration batches through ``model`` and accumulate each layer's input statistics.
 
     ``layers``: ``(name, module)`` pairs whose inputs ``[..., in]`` are gathered (with forward
     pre-hooks, removed afterwards). Memory: two ``[in, in]`` float32 matrices per layer.
+    ``fit`` / ``heldout``: ``(position, batch)`` pairs (:class:`Batches`).
+
+    Raises:
+        InputError: a batch made a layer's statistics non-finite, naming the batch and the layer.
     """
     stats: dict[str, LayerStats] = {}
     current = {"heldout": False}
@@ -138,8 +199,9 @@ def collect_stats(
         with eval_mode(model):
             for held, batches in ((False, fit), (True, heldout)):
                 current["heldout"] = held
-                for batch in batches:
+                for index, batch in batches:
                     run_model(model, batch)
+                    _check_finite(stats, index, held)
     finally:
         for handle in handles:
             handle.remove()
@@ -147,10 +209,10 @@ def collect_stats(
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
-    """The model's logits on each batch (eval mode), float32 on the CPU."""
+def model_outputs(model: nn.Module, batches: Sequence[Indexed]) -> list[torch.Tensor]:
+    """The model's logits on each ``(position, batch)`` (eval mode), float32 on the CPU."""
     with eval_mode(model):
-        return [output_tensor(run_model(model, batch)).detach().float().cpu() for batch in batches]
+        return [output_tensor(run_model(model, batch)).detach().float().cpu() for _, batch in batches]
 
 
 def squared_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

@@ -179,17 +179,20 @@ class QuantAdapterLinear(nn.Module):
         # through here. A cast must not convert the quantized format's tensors by value (packed
         # codes in a float container would be garbled) nor integer tensors (.type() converts those
         # too: codes, adapter index buffers), so they keep their bits and only follow a device move.
-        fixed = {f"base.{name}": t for name, t in self.backend.dtype_fixed_tensors(self.base).items()}
-        fixed.update(
-            (name, t) for name, t in [*self.named_parameters(), *self.named_buffers()] if not t.is_floating_point()
-        )
-        kept = {name: t.data for name, t in fixed.items()}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            current = self.get_parameter(name) if _is_parameter(self, name) else self.get_buffer(name)
-            if current.dtype != old.dtype:
-                current.data = old.to(current.device)
-        return self
+        # The cast is never applied to them (a quantizer's tensor subclass may refuse it, as
+        # optimum-quanto's do): what ``fn`` would do is read off an empty tensor of the same dtype
+        # and device, and a fixed tensor gets only the device move, if there is one.
+        fixed = list(self.backend.dtype_fixed_tensors(self.base).values())
+        fixed += [t for t in [*self.parameters(), *self.buffers()] if not t.is_floating_point()]
+        ids = {id(t) for t in fixed}
+
+        def keep_format(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in ids:
+                return fn(t)
+            device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+            return t if t.device == device else t.to(device)
+
+        return super()._apply(keep_format, recurse)
 
     # ----------------------------------------------------------------- adapters
 
@@ -615,11 +618,6 @@ def _bias_like(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
     assert like is not None
     tensor = value.detach().to(device=like.device, dtype=like.dtype)
     return nn.Parameter(tensor, requires_grad=False) if isinstance(like, nn.Parameter) else tensor
-
-
-def _is_parameter(module: nn.Module, name: str) -> bool:
-    owner, _, attr = name.rpartition(".")
-    return attr in (module.get_submodule(owner) if owner else module)._parameters
 
 
 def _check_not_empty(in_features: int, out_features: int) -> None:

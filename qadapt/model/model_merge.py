@@ -21,14 +21,16 @@ import torch
 from torch import nn
 
 from qadapt import registry
-from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, shorten, warn
+from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, InputError, shorten, warn
 from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merged_bias
 from qadapt.merging.figures import kept_share
 from qadapt.merging.result import LayerFigures, MergeResult, RequantizeMode
 from qadapt.model import integrations
 from qadapt.model.calibration import (
+    DEFAULT_MAX_BATCHES,
     MIN_ROWS_PER_FEATURE,
     LayerStats,
+    check_limit,
     collect_stats,
     model_outputs,
     split_batches,
@@ -59,6 +61,9 @@ class MergeReport(LayerFigures):
     #: layer name -> why it was not merged (e.g. its backend cannot requantize).
     skipped: dict[str, str] = field(default_factory=dict)
     model_kept: float | None = None
+    #: calibration batches used (fit + held out), and whether reading stopped at max_calibration_batches.
+    calibration_batches: int | None = None
+    calibration_limited: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every figure."""
@@ -69,6 +74,8 @@ class MergeReport(LayerFigures):
             "min_kept": self.min_kept,
             "layers": {name: dict(vars(r)) for name, r in self.layers.items()},
             "skipped": dict(self.skipped),
+            "calibration_batches": self.calibration_batches,
+            "calibration_limited": self.calibration_limited,
         }
 
     def __str__(self) -> str:
@@ -78,6 +85,9 @@ class MergeReport(LayerFigures):
             text += f", kept ({metric} space) min {self.min_kept:.3g} / median {self.median_kept:.3g}"
         if self.model_kept is not None:
             text += f", model outputs kept {self.model_kept:.3g}"
+        if self.calibration_batches is not None:
+            limit = " (stopped at max_calibration_batches)" if self.calibration_limited else ""
+            text += f"; calibrated on {self.calibration_batches} batch(es){limit}"
         if self.reverted:
             text += f"; {len(self.reverted)} layer(s) kept their old weights (the merge was worse than no adapter)"
         if self.skipped:
@@ -107,7 +117,10 @@ def _merge_plan(model: nn.Module, adapter_name: str | None, pending_only: bool) 
     return plan, skipped
 
 
-def _check_merge_arguments(requantize: Any, tune_scales: Any, warn_below: Any, calibration_memory: Any) -> None:
+def _check_merge_arguments(
+    requantize: Any, tune_scales: Any, warn_below: Any, calibration_memory: Any, max_batches: Any
+) -> None:
+    check_limit(max_batches)
     if requantize is not None:
         check_requantize_mode(requantize)
     if isinstance(tune_scales, bool) or not isinstance(tune_scales, int) or tune_scales < 0:
@@ -146,6 +159,7 @@ def merge(
     tune_scales: int = 0,
     warn_below: float | None = DEFAULT_WARN_BELOW,
     calibration_memory: int = DEFAULT_CALIBRATION_MEMORY,
+    max_calibration_batches: int = DEFAULT_MAX_BATCHES,
 ) -> MergeReport:
     """Merge an adapter into every layer's quantized weight (each layer's active one by default).
 
@@ -160,12 +174,15 @@ def merge(
             backend can; others keep state), or ``"fresh"`` (the backend's plain quantizer, new scales:
             what bitsandbytes and PEFT do).
         calibration: an iterable of at least 2 model inputs (tensors, tuples of arguments, or keyword
-            dicts). Every fourth batch (the last one when fewer than 4) is held out to measure.
+            dicts). Every fourth batch (the last one when fewer than 4) is held out to measure. Read
+            once, at most ``max_calibration_batches`` of it (an endless data loader is fine); the report
+            says how many were used. A batch with NaN, infinite or overflowing inputs is refused, named.
         tune_scales: with calibration, refit each requantized layer's group scales towards the
             adapted layer with this many conjugate-gradient steps (backends with group scales).
         warn_below: warn when a layer keeps less than this share of its adapter's effect (None: never).
         calibration_memory: bytes of layer statistics held at once; layers are calibrated in runs
             that fit (later runs see the earlier layers already merged).
+        max_calibration_batches: batches read from ``calibration`` at most (default 256; >= 2).
 
     Layers whose backend cannot requantize keep their adapter unmerged; the report lists them, with
     the reason. A layer whose requantized merge would be worse than no adapter keeps its old
@@ -186,6 +203,7 @@ def merge(
         tune_scales=tune_scales,
         warn_below=warn_below,
         calibration_memory=calibration_memory,
+        max_calibration_batches=max_calibration_batches,
     )
 
 
@@ -201,11 +219,12 @@ def _merge(
     tune_scales: int = 0,
     warn_below: float | None = DEFAULT_WARN_BELOW,
     calibration_memory: int = DEFAULT_CALIBRATION_MEMORY,
+    max_calibration_batches: int = DEFAULT_MAX_BATCHES,
     into: Transaction | None = None,
 ) -> MergeReport:
     """:func:`merge`; with ``pending_only``, layers already merged are left as they are; ``into``: the
     caller's transaction."""
-    _check_merge_arguments(requantize, tune_scales, warn_below, calibration_memory)
+    _check_merge_arguments(requantize, tune_scales, warn_below, calibration_memory, max_calibration_batches)
     if tune_scales and calibration is None:
         raise ConfigError("tune_scales needs calibration data: merge(model, calibration=batches, tune_scales=N)")
     plan, skipped = _merge_plan(model, adapter_name, pending_only)
@@ -220,11 +239,18 @@ def _merge(
         warn(f"{len(skipped)} layer(s) left unmerged: {next(iter(skipped.values()))}")
     mode: RequantizeMode = requantize or ("keep" if calibration is None else "calibrated")
     with transaction(model, into) as tx:
+        batches = None
         if calibration is None:
             results = _merge_runs(model, [plan], mode, safe, keep_snapshot, None, 0, tx)
             model_kept = None
         else:
-            fit, heldout = split_batches(calibration)
+            batches = split_batches(calibration, max_calibration_batches)
+            if batches.limited:
+                warn(
+                    f"calibration: used the first {batches.count} batches (max_calibration_batches="
+                    f"{batches.limit}); the rest were not read"
+                )
+            fit, heldout = batches.fit, batches.heldout
             adapted = model_outputs(model, heldout)
             tx.keep_layers(layer for _, layer, _ in plan)
             for _, layer, _ in plan:
@@ -239,7 +265,14 @@ def _merge(
             merged = model_outputs(model, heldout)
             model_kept = kept_share(squared_distance(adapted, base), squared_distance(merged, adapted))
     names = {adapter for _, _, adapter in plan}
-    report = MergeReport(names.pop() if len(names) == 1 else None, results, skipped, model_kept)
+    report = MergeReport(
+        names.pop() if len(names) == 1 else None,
+        results,
+        skipped,
+        model_kept,
+        None if batches is None else batches.count,
+        batches is not None and batches.limited,
+    )
     _warn_low(report, warn_below)
     return report
 
@@ -273,6 +306,7 @@ def _merge_runs(
     the caller's transaction, which the caller undoes)."""
     results: dict[str, MergeResult] = {}
     few: list[str] = []
+    silent: list[str] = []
     with transaction(model, into) as tx:
         tx.keep_layers(layer for run in runs for _, layer, _ in run)
         for run in runs:
@@ -287,20 +321,31 @@ def _merge_runs(
                     if mode == "calibrated" and layer_stats.fit_rows < MIN_ROWS_PER_FEATURE * layer.in_features:
                         few.append(f"{name} ({layer_stats.fit_rows} rows, in_features={layer.in_features})")
                         layer_mode = "keep"
-                results[name] = layer.merge(
-                    safe=safe,
-                    adapter_name=adapter,
-                    keep_snapshot=keep_snapshot,
-                    requantize=layer_mode,
-                    stats=fit,
-                    heldout=None if layer_stats is None else layer_stats.heldout,
-                    tune_steps=tune_scales,
-                )
+                    elif mode == "calibrated" and not float(torch.diagonal(layer_stats.fit).sum()) > 0:
+                        silent.append(name)  # every input it saw was 0: nothing to calibrate against
+                        layer_mode = "keep"
+                try:
+                    results[name] = layer.merge(
+                        safe=safe,
+                        adapter_name=adapter,
+                        keep_snapshot=keep_snapshot,
+                        requantize=layer_mode,
+                        stats=fit,
+                        heldout=None if layer_stats is None else layer_stats.heldout,
+                        tune_steps=tune_scales,
+                    )
+                except InputError as exc:
+                    raise InputError(f"merging layer {name}: {exc}") from exc
     if few:
         warn(
             f"{len(few)} layer(s) had fewer than {MIN_ROWS_PER_FEATURE} x in_features calibration rows, where a "
             f"calibrated requantize was measured to hurt; they kept their scales instead (first: {few[0]}). "
             "Give more calibration batches"
+        )
+    if silent:
+        warn(
+            f"{len(silent)} layer(s) saw only zero inputs in the calibration batches, so there is nothing to "
+            f"calibrate them against; they kept their scales instead (first: {silent[0]})"
         )
     return results
 

@@ -156,6 +156,26 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     return tensors
 
 
+def float_linears(model: nn.Module) -> list[str]:
+    """Canonical names of the model's plain float ``nn.Linear`` layers outside every qadapt layer.
+
+    What a float linear stayed at training time: an export to a quantized format keeps these in
+    float by default, so the exported model is the one that was trained (a model wrapped with
+    ``backend="bnb4", targets=[...]`` has its targets quantized and nothing else).
+    """
+    names = canonical_names(model)
+    carriers = [names[n] for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantAdapterLinear)]
+    found = set()
+    for actual, module in model.named_modules():
+        canonical = names.get(actual, actual)
+        if any(canonical == c or canonical.startswith(c + ".") for c in carriers):
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and type(weight) is nn.Parameter and weight.dtype.is_floating_point:
+            found.add(canonical)
+    return sorted(found)
+
+
 def _checkpoint_description(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     carriers = [(n, layer) for n, layer in canonical_adapter_layers(model) if adapter_name in layer.adapters]
     if not carriers:
@@ -186,6 +206,7 @@ def _checkpoint_description(model: nn.Module, adapter_name: str) -> dict[str, An
         "format_version": FORMAT_VERSION,
         "config": config.model_dump(mode="json"),
         "layers": {name: [layer.in_features, layer.out_features] for name, layer in carriers},
+        "float_linears": float_linears(model),
         "versions": {
             "qadapt": __version__,
             "method": _distribution_of(method),

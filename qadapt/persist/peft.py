@@ -28,8 +28,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from qadapt import registry
 from qadapt.config import AUTO_BACKEND, REGEX_PREFIX, QAdaptConfig, check_adapter_name, validate_config
 from qadapt.errors import CheckpointError, QAdaptError
+from qadapt.formats.adapter_layout import planned_shape_problems
 from qadapt.formats.checkpoint_files import (
     StrictMapping,
     atomic_write,
@@ -109,10 +111,36 @@ def load_peft_adapter(
     shared_from = getattr(hooks, "shared_from_peft", None)
     model_tensors = StrictMapping(model_level, f"{weights}: model-level")
     shared = dict(shared_from(peft_config, model_tensors)) if shared_from is not None else {}
+    _check_shapes_before_allocating(model, actual, registry.method_class(method_name)(cfg.method.options), states)
     with transaction(model) as tx, as_checkpoint_error(f"the PEFT adapter in {source} does not fit this model"):
         _wrap(model, cfg, tx)
         _load_states(model, adapter_name, states, shared, source)
     return model
+
+
+def _check_shapes_before_allocating(
+    model: nn.Module, actual: Mapping[str, str], method: Method, states: Mapping[str, Mapping[str, torch.Tensor]]
+) -> None:
+    """Refuse tensors that do not fit the adapters the config describes, before any adapter is made.
+
+    The config chooses the allocation (``r``); the tensors are what the file holds. Each layer's
+    adapter is built on the meta device from the model's layer shape and compared with them.
+    """
+    problems = []
+    for name, state in states.items():
+        try:
+            module = model.get_submodule(actual.get(name, name))
+        except AttributeError:
+            continue  # a layer the model lacks is reported, with its name, by the load
+        in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if isinstance(in_f, int) and isinstance(out_f, int):
+            shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
+            problems += planned_shape_problems(method, in_f, out_f, shapes, name)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(
+            f"the PEFT adapter's tensors do not fit its own config (nothing was allocated):\n  {shown}"
+        )
 
 
 def _wrap(model: nn.Module, cfg: QAdaptConfig, tx: Transaction) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qadapt.errors import ConfigError
+from qadapt.errors import CheckpointError, ConfigError
 from qadapt.model.layer import QuantAdapterLinear
 from qadapt.protocols import Backend, CalibrationStats, Method, QuantizedWeight
 from qadapt.testing.fixtures import _backend, _float_linear, _input, _quantized, _relative, _shares_memory
@@ -230,17 +230,30 @@ def check_gradient_reaches_input(
 def check_low_precision_inputs(
     backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
 ) -> None:
-    """bfloat16 and float16 inputs give finite outputs close to the float32 one."""
+    """bfloat16 and float16 inputs give finite outputs close to the float32 one, and leave every tensor
+    of the module (storage, bias) as it was: a forward in another dtype must not cast them in place
+    (bitsandbytes' int8 forward rounded a float32 bias to the input's float16 for good)."""
     backend = _backend(backend, options)
     _, module = _quantized(backend, in_features, out_features, seed)
     x = _input(in_features, seed)
     with torch.no_grad():
         expected = backend.forward(module, x).float()
-        for dtype in (torch.bfloat16, torch.float16):
+        storage = backend.get_storage(module).clone()
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach().clone()
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):
             out = backend.forward(module, x.to(dtype)).float()
             assert bool(torch.isfinite(out).all()), f"{dtype} input gives non-finite output"
-            error = _relative(out, expected)
-            assert error < 0.05, f"{dtype} input differs from float32 by {error:.3f}"
+            if dtype != torch.float64:
+                error = _relative(out, expected)
+                assert error < 0.05, f"{dtype} input differs from float32 by {error:.3f}"
+            assert backend.get_storage(module).equal(storage), f"a {dtype} forward changed the layer's storage"
+            now = getattr(module, "bias", None)
+            assert (bias is None) == (now is None), f"a {dtype} forward added or removed the bias"
+            if bias is not None:
+                assert now.dtype == bias.dtype and torch.equal(now, bias), (
+                    f"a {dtype} forward changed the layer's bias in place ({bias.dtype} -> {now.dtype})"
+                )
 
 
 def _shapes(in_features: int, out_features: int) -> list[tuple[int, int]]:
@@ -529,6 +542,36 @@ def check_checkpoint_round_trip(
     assert backend.from_checkpoint(foreign, None) is None, "from_checkpoint() must return None for a foreign layout"
 
 
+def _damaged(tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``tensor`` one element short and one element long (flattened), as a damaged file would hold it."""
+    flat = tensor.detach().reshape(-1)
+    return [("one element short", flat[:-1].clone()), ("one element long", torch.cat([flat, flat[-1:]]))]
+
+
+def check_checkpoint_refuses_damaged_tensors(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """With ``capabilities.checkpoint``: ``from_checkpoint`` checks every tensor against the layer's declared
+    shape and format before anything is dequantized. Each tensor of ``to_checkpoint`` cut one element short
+    or made one longer is refused (a ``CheckpointError``) or left to other backends (None), never read: a
+    short scale tensor would make the dequantize kernel read past its end."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.checkpoint:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    tensors = backend.to_checkpoint(backend.get_storage(module))
+    config = backend.checkpoint_config(backend.get_storage(module))
+    for key, tensor in tensors.items():
+        if tensor.numel() < 2:
+            continue
+        for what, damaged in _damaged(tensor):
+            try:
+                read = backend.from_checkpoint({**tensors, key: damaged}, config)
+            except CheckpointError:
+                continue
+            assert read is None, f"from_checkpoint() read a layer whose {key!r} is {what} instead of refusing it"
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
@@ -549,4 +592,5 @@ def backend_checks() -> list[BackendCheck]:
         check_calibrated_requantize,
         check_casts_keep_the_format,
         check_checkpoint_round_trip,
+        check_checkpoint_refuses_damaged_tensors,
     ]
