@@ -356,6 +356,8 @@ class NoDefaults(AddDelta):
             lambda: testing.check_method(ForLayerWithOtherOptions()),
             "check_for_layer_keeps_the_method",
             "for_layer('proj') returned options {'scale': 0.5, 'seed': 0}, the method has",
+        ),
+        (
             lambda: testing.check_backend(TrustingCheckpoint()),
             "check_checkpoint_refuses_damaged_tensors",
             "from_checkpoint() read a layer whose 'weight' is one element short instead of refusing it",
