@@ -416,7 +416,7 @@ def make_plan(
                 problems.append(problem)
             elif is_adapted and adapter.state_shapes is not None:
                 found = adapter.state_shapes(group.module)
-                problems += planned_shape_problems(adapter.method, *shape, found, group.module)
+                problems += planned_shape_problems(adapter.method.for_layer(group.module), *shape, found, group.module)
         step = Step(group, action, is_adapted, shapes.get(group.module))
         step.estimate = _estimate(step)
         steps.append(step)

@@ -135,7 +135,7 @@ def _check_shapes_before_allocating(
         in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
         if isinstance(in_f, int) and isinstance(out_f, int):
             shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
-            problems += planned_shape_problems(method, in_f, out_f, shapes, name)
+            problems += planned_shape_problems(method.for_layer(name), in_f, out_f, shapes, name)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise CheckpointError(
