@@ -101,7 +101,7 @@ def step_fn(model, rows: torch.Tensor, generator: torch.Generator):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
