@@ -251,3 +251,13 @@ def test_torchrun_ddp_with_trainer_keeps_the_ranks_equal_and_saves_once(base_dir
     fresh = qadapt.load_adapter(load_quantized(base_dir, "4bit"), tmp_path / "final")
     assert all(torch.equal(first[k], v) for k, v in adapter_tensors(fresh, "default").items())
     assert log.count("qadapt wrap") <= 1, "a wrap progress bar printed on more than one rank"
+
+
+def test_load_adapter_is_trainable_false_freezes_the_loaded_adapter(base_dir, tmp_path):
+    model = wrapped(base_dir, "4bit", "lora")
+    model.save_pretrained(tmp_path / "adapter")
+    frozen = qadapt.load_adapter(load_quantized(base_dir, "4bit"), tmp_path / "adapter", is_trainable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = qadapt.load_adapter(load_quantized(base_dir, "4bit"), tmp_path / "adapter")
+    trained_names = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert trained_names and all(".adapters." in n for n in trained_names)
