@@ -33,8 +33,22 @@ BACKENDS: list[tuple[str, dict]] = [
     # the test layers (32x16, 64x48, 192x96) have 8, 48 and 288 blocks of 64.
     ("torchao", {"config": "nf4", "nf4_scaler_block_size": 8}),
     ("hqq", {"nbits": 4, "group_size": 64}),
+    # compressed-tensors' W4A16 / W8A16 layout; group 16 divides every test layer's in_features.
+    ("compressed", {"num_bits": 4, "group_size": 16}),
+    ("compressed", {"num_bits": 8, "group_size": 16}),
 ]
-BACKEND_IDS = ["none", "bnb8", "bnb4-nf4", "bnb4-fp4", "torchao-int8", "torchao-int4", "torchao-nf4", "hqq-4bit"]
+BACKEND_IDS = [
+    "none",
+    "bnb8",
+    "bnb4-nf4",
+    "bnb4-fp4",
+    "torchao-int8",
+    "torchao-int4",
+    "torchao-nf4",
+    "hqq-4bit",
+    "compressed-w4",
+    "compressed-w8",
+]
 
 
 def tensor_checksum(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:

@@ -243,6 +243,8 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         "qadapt",
         "qadapt_bnb",
         "qadapt_boft",
+        "qadapt_compressed",
+        "qadapt_quanto",
         "qadapt_hqq",
         "qadapt_ia3",
         "qadapt_loha",
