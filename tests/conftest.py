@@ -36,6 +36,9 @@ BACKENDS: list[tuple[str, dict]] = [
     # compressed-tensors' W4A16 / W8A16 layout; group 16 divides every test layer's in_features.
     ("compressed", {"num_bits": 4, "group_size": 16}),
     ("compressed", {"num_bits": 8, "group_size": 16}),
+    # optimum-quanto QLinear (qint2 is checked in tests/test_quanto.py: its error is above the matrix's bounds).
+    ("quanto", {"weights": "qint8"}),
+    ("quanto", {"weights": "qint4"}),
 ]
 BACKEND_IDS = [
     "none",
@@ -48,6 +51,8 @@ BACKEND_IDS = [
     "hqq-4bit",
     "compressed-w4",
     "compressed-w8",
+    "quanto-qint8",
+    "quanto-qint4",
 ]
 
 

@@ -115,6 +115,7 @@ OTHER_OPTIONS = {
     "torchao": {"config": "int4", "group_size": 16, "mapping": "asymmetric"},
     "hqq": {"nbits": 3, "group_size": 32, "axis": 0, "compute_dtype": "bfloat16", "optimize": False},
     "compressed": {"group_size": 32, "scale_dtype": "bfloat16"},
+    "quanto": {"weights": "qint2"},
 }
 
 
