@@ -304,6 +304,25 @@ def _shape_problem(module: str, adapter: AdapterSource, shape: tuple[int, int]) 
     )
 
 
+def _check_target_fits(target: Target, backend: Backend | None, steps: list[Step]) -> None:
+    """Every layer the export writes in ``backend``'s format fits its options (``Backend.check_layer``),
+    checked before anything is written; every layer that does not is named."""
+    if backend is None:
+        return
+    unfit = []
+    for step in steps:
+        if step.action in ("quantize", "convert") and step.shape is not None:
+            try:
+                backend.check_layer(*step.shape)
+            except ConfigError as exc:
+                unfit.append(f"{step.group.module}: {exc}")
+    if unfit:
+        raise ConfigError(
+            f"target {target.name!r}: {len(unfit)} layer(s) do not fit backend {backend.name!r}'s options "
+            "(nothing was written):\n  " + "\n  ".join(unfit)
+        )
+
+
 def make_plan(
     base: InputDirectory,
     adapter: AdapterSource,
@@ -427,6 +446,7 @@ def make_plan(
         )
     if target_backend is None and target.dtype is None:
         raise ConfigError(f"target {target.name!r} has neither a dtype nor a backend")
+    _check_target_fits(target, target_backend, steps)
     shared = None
     if type(adapter.method).create_shared is not Method.create_shared:
         # Shared method state (RandLora's bases) is made once, from the checkpoint's seed or saved
