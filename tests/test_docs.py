@@ -25,9 +25,13 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "docs/peft.md": ("trainable params:", "torch.bfloat16"),
     "docs/concepts.md": ("merged 14 layer(s), max relative error",),
     "docs/config.md": ("invalid qadapt config (4 errors)", "['adapter_name', 'backend', 'exclude', 'method'"),
-    "docs/backends.md": ("{'torchao': 2}",),
+    "docs/backends.md": ("{'torchao': 2}", "{'quanto': 2}"),
     "docs/training.md": ("saved adapter after 4 steps", "Trainer ran 4 steps; adapter saved"),
-    "docs/export.md": ("exported llama-merged-nf4 (nf4): 14 layer(s) merged",),
+    "docs/export.md": (
+        "exported llama-merged-nf4 (nf4): 14 layer(s) merged",
+        "compressed-tensors pack-quantized ['lm_head']",
+        "w4a16 export equals the in-memory merge: True",
+    ),
     "docs/plugins.md": ("int8sym and oft pass the contract suite",),
     "docs/first-plugin.md": (
         "contract: ok",
