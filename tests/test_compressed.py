@@ -155,3 +155,16 @@ def test_scales_follow_the_layer_dtype_unless_given():
     assert CompressedBackend({"group_size": 16}).quantize(linear).weight_scale.dtype == torch.bfloat16
     chosen = CompressedBackend({"group_size": 16, "scale_dtype": "float16"}).quantize(linear)
     assert chosen.weight_scale.dtype == torch.float16
+
+
+@torch.no_grad()
+def test_a_loaded_export_is_refused_until_compressed_tensors_decompressed_it(base: Path, tmp_path: Path):
+    adapted(base, 4, tmp_path / "adapter")
+    export(base, tmp_path / "adapter", tmp_path / "out", to="w4a16", progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    # Until its first forward the model holds compressed-tensors' packed linears (no `weight`): none is owned.
+    with pytest.raises(qadapt.TargetError, match="no installed backend owns a Linear"):
+        qadapt.wrap(loaded, method="lora", backend="auto", method_options={"r": 4})
+    loaded(token_ids(length=4))  # compressed-tensors decompresses the whole model to float
+    qadapt.wrap(loaded, method="lora", backend="auto", method_options={"r": 4})
+    assert qadapt.summary(loaded).backends == {"none": 14}

@@ -167,3 +167,22 @@ def test_layers_that_quantize_activations_are_not_adopted():
     layer = QLinear(16, 8, weights=qint8, activations=qint8)
     assert not QuantoBackend().owns(layer)
     assert QuantoBackend().owns(QLinear(16, 8, weights=qint2))
+
+
+@torch.no_grad()
+def test_quantos_cpu_optimized_qint4_layout_is_adopted_without_its_kernels():
+    # qint4 with bfloat16 scales in groups of 128 becomes quanto's TinyGemm layout on CPU.
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64)).to(torch.bfloat16)
+    quantize(model, weights=qint4)
+    freeze(model)
+    assert type(model[0].weight).__name__ == "TinyGemmWeightQBitsTensor"
+    qadapt.wrap(model, method="lora", backend="auto", targets=["0"], method_options={"r": 4, "init_weights": False})
+    layer = model[0]
+    assert layer.backend.get_storage(layer.base).meta == {"qtype": "qint4", "group_size": 128, "shape": (64, 256)}
+    x = torch.randn(3, 256, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    unmerged = model(x)
+    snapshot = layer.backend.get_storage(layer.base).clone()
+    layer.merge()
+    assert (model(x) - unmerged).float().norm() < 0.1 * unmerged.float().norm()
+    layer.unmerge()
+    assert layer.backend.get_storage(layer.base).equal(snapshot)

@@ -48,7 +48,9 @@ class TorchaoBackend(Backend):
     def owns(self, module: nn.Module) -> bool:
         if not isinstance(module, nn.Linear) or "torchao" not in sys.modules:
             return False
-        return _formats().format_of(module.weight) is not None
+        # A linear may have no weight at all (compressed-tensors' packed layers, as transformers loads them).
+        weight = getattr(module, "weight", None)
+        return weight is not None and _formats().format_of(weight) is not None
 
     def check_layer(self, in_features: int, out_features: int) -> None:
         """Raise ConfigError when the options cannot quantize a layer of this size."""

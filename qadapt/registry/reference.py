@@ -27,11 +27,8 @@ class FloatBackend(Backend):
     def owns(self, module: nn.Module) -> bool:
         # A quantized subclass of nn.Linear keeps its weight in a Parameter subclass; only a plain
         # floating-point Parameter is ours.
-        return (
-            isinstance(module, nn.Linear)
-            and type(module.weight) is nn.Parameter
-            and module.weight.dtype.is_floating_point
-        )
+        weight = getattr(module, "weight", None)  # a packed layer may have none (compressed-tensors')
+        return isinstance(module, nn.Linear) and type(weight) is nn.Parameter and weight.dtype.is_floating_point
 
     def quantize(self, linear: nn.Linear) -> nn.Module:
         return linear
