@@ -67,17 +67,18 @@ def _qweight(module: nn.Module) -> Any:
 def _dynamic(module: nn.Module) -> Any:
     """What an unfrozen QLinear's forward quantizes its float weight to (quanto's ``qweight``, kernel-agnostic)."""
     q = _quanto()
-    weight, qtype = module.weight.detach(), module.weight_qtype
-    if qtype.bits == 8:
-        scale = q.AbsmaxOptimizer()(weight, qtype=qtype, axis=0)
-        return q.quantize_weight(weight, qtype=qtype, axis=0, scale=scale, optimized=False)
-    scale, shift = q.MaxOptimizer()(weight, qtype=qtype, axis=0, group_size=module.weight_group_size)
-    return q.quantize_weight(
-        weight, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=module.weight_group_size, optimized=False
-    )
+    weight, qtype, size = module.weight.detach(), module.weight_qtype, module.weight_group_size
+    optimizer = module.optimizer  # the layer's own (quanto's default: absmax for 8 bits, min/max below)
+    if isinstance(optimizer, q.SymmetricOptimizer):
+        scale, shift = optimizer(weight, qtype=qtype, axis=0), None
+    else:
+        scale, shift = optimizer(weight, qtype=qtype, axis=0, group_size=size)
+    return q.quantize_weight(weight, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=size, optimized=False)
 
 
-def _quantize_codes(weight: torch.Tensor, meta: Mapping[str, Any], scale: torch.Tensor, shift: torch.Tensor | None):
+def _quantize_codes(
+    weight: torch.Tensor, meta: Mapping[str, Any], scale: torch.Tensor, shift: torch.Tensor | None
+) -> torch.Tensor:
     """quanto's rounding of ``weight [out, in]`` under ``scale`` (and ``shift``): int8 ``[out, in]`` or packed uint8."""
     ops = torch.ops.quanto
     weight = weight.detach().to(scale.device, scale.dtype)
