@@ -153,8 +153,8 @@ def test_forward_leaves_the_base_as_it_was_and_disabled_adapters_run_the_base():
     with torch.no_grad():
         disabled = model(ids).logits
     qadapt.enable_adapters(model)
-    for _, layer in adapter_layers(model):
-        layer.merge_aware = False
+    qadapt.set_merge_aware(model, False)
+    assert not any(layer.merge_aware for _, layer in adapter_layers(model))
     qadapt.disable_adapters(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, disabled)
