@@ -187,3 +187,14 @@ def test_config_file_and_checkpoint_carry_merge_aware(tmp_path):
     plain = qadapt.wrap(tiny_llama(), method="lora", backend="bnb4")
     qadapt.save_adapter(plain, tmp_path / "plain")
     assert "merge_aware" not in (tmp_path / "plain" / "qadapt_config.json").read_text()
+
+
+@pytest.mark.parametrize("backend", ["bnb4", "bnb8", "hqq", "torchao"])
+def test_forward_keeps_the_base_parameter_objects(backend):
+    layer = qadapt.QuantAdapterLinear(nn.Linear(64, 32), "lora", backend, merge_aware=True)
+    perturb_adapters(layer, scale=0.3)
+    params = dict(layer.base.named_parameters())
+    before = layer.backend.snapshot(layer.base)
+    layer(torch.randn(2, 64)).sum().backward()
+    assert all(p is params[name] for name, p in layer.base.named_parameters())
+    assert layer.backend.get_storage(layer.base).equal(before)

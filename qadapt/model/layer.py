@@ -191,6 +191,7 @@ class QuantAdapterLinear(nn.Module):
         # The cast is never applied to them (a quantizer's tensor subclass may refuse it, as
         # optimum-quanto's do): what ``fn`` would do is read off an empty tensor of the same dtype
         # and device, and a fixed tensor gets only the device move, if there is one.
+        self._aware_cache = None  # it holds the storage's tensors as they were before the move
         fixed = list(self.backend.dtype_fixed_tensors(self.base).values())
         fixed += [t for t in [*self.parameters(), *self.buffers()] if not t.is_floating_point()]
         ids = {id(t) for t in fixed}
