@@ -76,10 +76,12 @@ def wrapped(float_model: nn.Module, merge_aware: bool) -> nn.Module:
     return model
 
 
-def train_both(sides: dict[str, nn.Module], rows: torch.Tensor, steps: int, batch: int) -> dict[str, list[float]]:
+def train_both(
+    sides: dict[str, nn.Module], rows: torch.Tensor, steps: int, batch: int, lr: float
+) -> dict[str, list[float]]:
     """The same batches on every side, interleaved; returns each side's step times (first step left out)."""
     optimizers = {
-        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         for name, m in sides.items()
     }
     generator = torch.Generator().manual_seed(0)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del float_model
     with qadapt.disable_adapters(sides["plain"]):
         base = perplexity(sides["plain"], heldout)
-    times = train_both(sides, train, args.steps, args.batch)
+    times = train_both(sides, train, args.steps, args.batch, args.lr)
     unmerged = {name: perplexity(model, heldout) for name, model in sides.items()}
     merged = {name: merged_ppl(model, heldout) for name, model in sides.items()}
     gain = base - unmerged["plain"]
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model or str(default_model_file().name),
         "steps": args.steps,
+        "lr": args.lr,
         "batch": f"{args.batch} x {args.seq_len} tokens",
         "rows": rows,
         "seconds_per_step": {name: statistics.median(t) for name, t in times.items()},
@@ -148,7 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    print(f"{result['model']}: LoRA r16 on nf4 (double quant), {result['steps']} steps of {result['batch']}")
+    print(f"{result['model']}: LoRA r16 on nf4 (double quant), {result['steps']} steps of {result['batch']}, "
+          f"lr {result['lr']:g}")  # fmt: skip
     print(f"{'row':42} {'held-out ppl':>12} {'kept':>8}")
     for row in result["rows"]:
         kept = "" if row["kept"] is None else f"{100 * row['kept']:.1f} %"
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="'tiny' for a random tiny Llama (default: SmolLM2-135M)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (qadapt demo's: 1e-3)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 30)

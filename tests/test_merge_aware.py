@@ -198,3 +198,17 @@ def test_forward_keeps_the_base_parameter_objects(backend):
     layer(torch.randn(2, 64)).sum().backward()
     assert all(p is params[name] for name, p in layer.base.named_parameters())
     assert layer.backend.get_storage(layer.base).equal(before)
+
+
+@pytest.mark.parametrize(("method", "options"), [("oft", {"block_size": 32}), ("scales", {}), ("dora", {"r": 4})])
+def test_other_methods_merge_exactly(method, options):
+    model = tiny_llama()
+    qadapt.wrap(model, method=method, backend="bnb4", method_options=options, merge_aware=True)
+    perturb_adapters(model, scale=0.2)
+    model.eval()
+    ids = token_ids(seed=4)
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        report = qadapt.merge(model)
+        assert torch.equal(model(ids).logits, unmerged)
+    assert all(r.merge_aware for r in report.layers.values())
