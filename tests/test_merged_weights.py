@@ -92,3 +92,11 @@ def test_merged_and_disabled_layers_give_their_storage_and_bad_dtype_is_refused(
         assert torch.equal(off[f"{name}.weight"], layer.backend.dequantize_module(layer.base))
     with pytest.raises(ConfigError, match="dtype"):
         qadapt.merged_weights(model, dtype=torch.int8)
+
+
+def test_names_drop_wrapper_segments():
+    model = _wrapped("bnb8")
+    compiled = torch.compile(model)  # not run: only its module tree (`_orig_mod.`) matters here
+    plain = [name for name, _ in qadapt.merged_weights(model)]
+    assert [name for name, _ in qadapt.merged_weights(compiled)] == plain
+    assert not any("_orig_mod" in name for name in plain)
