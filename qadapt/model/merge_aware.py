@@ -29,6 +29,9 @@ from qadapt.merging.aware import aware_storage
 from qadapt.merging.engine import merged_bias
 from qadapt.protocols import Backend, Method, QuantizedWeight
 
+#: ``swap_bias(bias)``: make ``bias`` the base module's bias object (the layer's ``_swap_bias``).
+SwapBias = Callable[[torch.Tensor | None], None]
+
 
 def bias_like(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
     """``value`` as a bias object of ``like``'s kind, dtype and device (a frozen parameter for a parameter)."""
@@ -112,7 +115,7 @@ class AwareCall:
     #: the adapter parameters that take a gradient.
     params: list[nn.Parameter]
 
-    def quantized(self, x: torch.Tensor, swap_bias: Any) -> torch.Tensor:
+    def quantized(self, x: torch.Tensor, swap_bias: SwapBias) -> torch.Tensor:
         """The backend's forward ``[..., out]`` on the target storage (and bias), the module left as it was."""
         if self.target.bias is None:
             return self.backend.forward_storage(self.module, self.target.storage, x)
@@ -124,7 +127,7 @@ class AwareCall:
 
 
 def aware_forward(
-    call: AwareCall, x: torch.Tensor, swap_bias: Any, float_forward: Callable[[], torch.Tensor]
+    call: AwareCall, x: torch.Tensor, swap_bias: SwapBias, float_forward: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
     """The merge-aware output ``[..., out]`` for ``x [..., in]``: the quantized path's value; where autograd
     records (grad enabled and the input or an adapter parameter needs it), the gradient of
