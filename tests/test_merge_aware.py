@@ -70,11 +70,19 @@ def test_merged_model_computes_exactly_what_was_trained(backend, options):
             merged = model(ids).logits
         assert torch.equal(merged, unmerged), (mode, float((merged - unmerged).abs().max()))
         assert all(r.merge_aware and not r.reverted for r in report.layers.values())
+        assert f"{len(report.layers)} merge-aware layer(s) stored exactly as trained" in str(report)
         # The merge changed codes (the test would pass trivially if it stored the old storage).
         changed = [not new.equal(old) for new, old in zip(_storages(model), before, strict=True)]
         assert any(changed)
         qadapt.unmerge(model)
         assert all(new.equal(old) for new, old in zip(_storages(model), before, strict=True))
+
+
+def test_merge_aware_layers_are_not_warned_about(recwarn):
+    model = _trained("bnb4", {}, steps=1)
+    warnings.simplefilter("always")
+    qadapt.merge(model)  # their weight-space "kept" is far from 1: they store the trained storage, not W'
+    assert not [w for w in recwarn if "keep less than" in str(w.message)]
 
 
 def test_bias_changing_method_merges_exactly():
