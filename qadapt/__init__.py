@@ -66,11 +66,13 @@ _LAZY: dict[str, str] = {
     "load_peft_adapter": "qadapt.persist.peft",
     "merge": "qadapt.model.model_merge",
     "merge_storage": "qadapt.merging.engine",
+    "merged_weights": "qadapt.model.merged_weights",
     "plugins": "qadapt.registry.loader",
     "print_trainable_parameters": "qadapt.model.summary",
     "save_adapter": "qadapt.persist.adapter",
     "save_peft_adapter": "qadapt.persist.peft",
     "set_adapter": "qadapt.model.adapters",
+    "set_merge_aware": "qadapt.model.adapters",
     "summary": "qadapt.model.summary",
     "unmerge": "qadapt.model.model_merge",
     "unwrap": "qadapt.model.model_merge",
@@ -103,9 +105,17 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the eager imports
     from qadapt.exporting import ExportReport, export
     from qadapt.merging.engine import merge_storage
     from qadapt.merging.result import MergeResult, RequantizeMode
-    from qadapt.model.adapters import add_adapter, delete_adapter, disable_adapters, enable_adapters, set_adapter
+    from qadapt.model.adapters import (
+        add_adapter,
+        delete_adapter,
+        disable_adapters,
+        enable_adapters,
+        set_adapter,
+        set_merge_aware,
+    )
     from qadapt.model.layer import QuantAdapterLinear
     from qadapt.model.layers import list_adapters
+    from qadapt.model.merged_weights import merged_weights
     from qadapt.model.model_merge import MergeReport, merge, unmerge, unwrap
     from qadapt.model.summary import WrapSummary, print_trainable_parameters, summary
     from qadapt.model.wrap import wrap
@@ -173,11 +183,13 @@ __all__ = [
     "load_peft_adapter",
     "merge",
     "merge_storage",
+    "merged_weights",
     "plugins",
     "print_trainable_parameters",
     "save_adapter",
     "save_peft_adapter",
     "set_adapter",
+    "set_merge_aware",
     "summary",
     "unmerge",
     "unwrap",

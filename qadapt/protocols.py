@@ -334,6 +334,28 @@ class Backend(_Plugin):
         """
         raise _missing(self, "float_modules_config")
 
+    def forward_storage(self, module: nn.Module, storage: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of ``module`` as if it held ``storage``: output ``[..., out]`` for ``x [..., in]``.
+
+        Optional; merge-aware layers (``wrap(..., merge_aware=True)``) compute with the storage their
+        merge will write through it. It must give exactly what :meth:`forward` gives after
+        ``set_storage(module, storage)``, and leave the module's storage as it was. The default swaps
+        ``storage`` in with :meth:`set_storage`, runs :meth:`forward`, swaps the old storage back and
+        puts back the module's own parameter objects where the swap replaced them (so optimizers and
+        tied references stay attached). Not thread-safe; a backend may run its kernel on ``storage``
+        directly instead.
+        """
+        old = self.get_storage(module)
+        params = dict(module._parameters)
+        self.set_storage(module, storage)
+        try:
+            return self.forward(module, x)
+        finally:
+            self.set_storage(module, old)
+            for key, param in params.items():
+                if module._parameters.get(key) is not param:
+                    module._parameters[key] = param
+
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""
         return self.get_storage(module).clone()

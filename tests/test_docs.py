@@ -21,12 +21,20 @@ PAGE_TIMEOUT = 240
 MARKERS: dict[str, tuple[str, ...]] = {
     "README.md": ("merged 2 layer(s)", "layers wrapped:   2 (bnb4 x2)"),
     "docs/quickstart.md": ("merged 2 layer(s)", "layers wrapped:   2 (bnb8 x2)"),
-    "docs/usage.md": ("['default', 'second']", "loaded from PEFT files: 2"),
+    "docs/usage.md": (
+        "['model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight'] ...",
+        "['default', 'second']",
+        "loaded from PEFT files: 2",
+    ),
     "docs/peft.md": ("trainable params:", "torch.bfloat16"),
     "docs/concepts.md": ("merged 14 layer(s), max relative error",),
     "docs/config.md": ("invalid qadapt config (4 errors)", "['adapter_name', 'backend', 'exclude', 'method'"),
     "docs/backends.md": ("{'torchao': 2}", "{'quanto': 2}"),
-    "docs/training.md": ("saved adapter after 4 steps", "Trainer ran 4 steps; adapter saved"),
+    "docs/training.md": (
+        "merge-aware: merged logits identical to the trained model's",
+        "saved adapter after 4 steps",
+        "Trainer ran 4 steps; adapter saved",
+    ),
     "docs/export.md": (
         "exported llama-merged-nf4 (nf4): 14 layer(s) merged",
         "compressed-tensors pack-quantized ['lm_head']",

@@ -124,14 +124,21 @@ class TorchaoBackend(Backend):
     # ------------------------------------------------------------------ forward
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight = module.weight
-        bias = module.bias
-        if x.is_meta:
-            return F.linear(x.to(weight.dtype), weight, bias)
-        # torchao's linear wants input and weight in one dtype; under autocast it would be asked to
-        # cast its weight. Run in the weight's dtype; the layer casts the output back.
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        return _linear(x, module.weight, module.bias)
+
+    def forward_storage(self, module: nn.Module, storage: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+        # The weight is a tensor subclass rebuilt from the storage; the module is not touched.
+        return _linear(x, _rebuild(storage), module.bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., in] @ weight [out, in]^T + bias`` in the weight's dtype (torchao's quantized linear)."""
+    if x.is_meta:
+        return F.linear(x.to(weight.dtype), weight, bias)
+    # torchao's linear wants input and weight in one dtype; under autocast it would be asked to
+    # cast its weight. Run in the weight's dtype; the layer casts the output back.
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
 
 def _nf4_problem(numel: int, block_size: int, scaler_block_size: int) -> str | None:

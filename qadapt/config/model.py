@@ -62,6 +62,14 @@ class QAdaptConfig(BaseModel):
     )
     exclude: list[str] = Field(default_factory=list, description="Patterns of modules to leave out.")
     adapter_name: str = Field("default", description="Name of the adapter created on every target.")
+    merge_aware: bool = Field(
+        False,
+        description=(
+            "Train through the quantizer: each layer computes with the storage its merge will write "
+            "(straight-through gradient), so the merged model computes what was trained. Needs backends "
+            "that can requantize."
+        ),
+    )
 
     @field_validator("targets", "exclude", mode="before")
     @classmethod

@@ -28,6 +28,8 @@ class MergeResult:
     ``"keep"``, ``"fresh"``, ``"calibrated"``, or ``"float"`` (an unquantized target).
     ``reverted``: the requantized layer was worse than no adapter, so the old storage was kept.
     ``tuned``: group scales were refit after requantization (``tune_scales``).
+    ``merge_aware``: the layer was trained merge-aware, so the merge stored exactly the storage its
+    forward computed with (:func:`qadapt.merging.aware.aware_storage`); the guard was not run.
     """
 
     adapter: str
@@ -38,6 +40,7 @@ class MergeResult:
     path: MergePath = "fresh"
     reverted: bool = False
     tuned: bool = False
+    merge_aware: bool = False
 
     def __float__(self) -> float:
         return self.error

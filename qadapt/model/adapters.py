@@ -136,3 +136,22 @@ def disable_adapters(model: nn.Module) -> AdaptersDisabled:
     previous = [layer.adapters_enabled for _, layer in layers]
     enable_adapters(model, False)
     return AdaptersDisabled(layers, previous)
+
+
+def set_merge_aware(model: nn.Module, merge_aware: bool = True) -> None:
+    """Make every layer compute merge-aware (or not), see :attr:`QuantAdapterLinear.merge_aware`.
+
+    All or nothing: a layer whose backend cannot requantize refuses ``True`` before any layer changes.
+    Refused while an adapter is merged (the merged storage was written one way or the other).
+    """
+    layers = wrapped_layers(model)
+    refuse_merged(layers, "change merge_aware")
+    with transaction(model):
+        previous = [(layer, layer.merge_aware) for _, layer in layers]
+        try:
+            for _, layer in layers:
+                layer.merge_aware = merge_aware
+        except BaseException:
+            for layer, value in previous:
+                layer.merge_aware = value
+            raise

@@ -25,9 +25,11 @@ from qadapt.errors import (
     TargetError,
     shorten,
 )
+from qadapt.merging.aware import merge_aware_storage
 from qadapt.merging.engine import merge_storage, merged_bias, unmerge_storage
 from qadapt.merging.result import MergeResult, RequantizeMode
 from qadapt.model import distributed
+from qadapt.model.merge_aware import AwareCall, AwareTarget, aware_forward, aware_target, bias_like
 from qadapt.protocols import Backend, BaseLayer, CalibrationStats, Method, QuantizedWeight
 
 __all__ = ["LayerState", "MergeResult", "QuantAdapterLinear", "UnmergeMode", "check_compatible"]
@@ -121,6 +123,8 @@ class QuantAdapterLinear(nn.Module):
         method_options / backend_options: options (dict or options model) when names are given.
         shared: shared method state (see :meth:`Method.create_shared`); created for this layer
             alone when omitted.
+        merge_aware: compute with the storage the merge will write, straight-through gradient
+            (see :attr:`merge_aware` and :mod:`qadapt.model.merge_aware`).
 
     Input ``[..., in_features]``, output ``[..., out_features]`` in the input's dtype (or the
     autocast dtype under ``torch.autocast``).
@@ -129,6 +133,9 @@ class QuantAdapterLinear(nn.Module):
     #: Storage swaps so far (merge, unmerge); a rollback swaps back only a layer that wrote. A class
     #: default, so layers pickled before it existed load.
     _storage_writes: int = 0
+    #: Class defaults, so layers pickled before merge-aware training existed load.
+    _merge_aware: bool = False
+    _aware_cache: AwareTarget | None = None
 
     def __init__(
         self,
@@ -140,6 +147,7 @@ class QuantAdapterLinear(nn.Module):
         method_options: Any = None,
         backend_options: Any = None,
         shared: nn.Module | None = None,
+        merge_aware: bool = False,
     ) -> None:
         super().__init__()
         backend_obj: Backend = registry.instance("backends", backend, backend_options)  # type: ignore[assignment]
@@ -171,6 +179,7 @@ class QuantAdapterLinear(nn.Module):
         self._merged: _MergedState | None = None
         self._storage_writes = 0
         self._add_checked_adapter(adapter_name, method_obj, shared)
+        self.merge_aware = merge_aware
         # Start in the base layer's mode: some backends' forward depends on it (bnb8).
         self.train(base.training)
 
@@ -182,6 +191,7 @@ class QuantAdapterLinear(nn.Module):
         # The cast is never applied to them (a quantizer's tensor subclass may refuse it, as
         # optimum-quanto's do): what ``fn`` would do is read off an empty tensor of the same dtype
         # and device, and a fixed tensor gets only the device move, if there is one.
+        self._aware_cache = None  # it holds the storage's tensors as they were before the move
         fixed = list(self.backend.dtype_fixed_tensors(self.base).values())
         fixed += [t for t in [*self.parameters(), *self.buffers()] if not t.is_floating_point()]
         ids = {id(t) for t in fixed}
@@ -270,6 +280,26 @@ class QuantAdapterLinear(nn.Module):
         return name
 
     @property
+    def merge_aware(self) -> bool:
+        """Whether the layer computes merge-aware: its forward (training and eval) runs the backend's
+        quantized forward on the storage :meth:`merge` will write, with a straight-through gradient
+        to the adapter, and :meth:`merge` writes exactly that storage (no guard). Settable; needs a
+        backend that can requantize."""
+        return self._merge_aware
+
+    @merge_aware.setter
+    def merge_aware(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"merge_aware must be True or False, got {shorten(value)}")
+        if value and not self.backend.capabilities.requantize:
+            raise CapabilityError(
+                f"merge_aware needs a backend that can requantize, and backend {self.backend.name!r} cannot "
+                "(its adapters stay unmerged, so there is no merged storage to train through)"
+            )
+        self._merge_aware = value
+        self._aware_cache = None
+
+    @property
     def merged(self) -> bool:
         return self._merged is not None
 
@@ -296,8 +326,24 @@ class QuantAdapterLinear(nn.Module):
             out = base_forward(x)
         else:
             name = self.active_adapter
-            out = self.methods[name].forward(self.adapters[name], x, base_forward)
+            if self._merge_aware:
+                method, adapter = self.methods[name], self.adapters[name]
+                out = aware_forward(
+                    self._aware_call(name), x, self._swap_bias, lambda: method.forward(adapter, x, base_forward)
+                )
+            else:
+                out = self.methods[name].forward(self.adapters[name], x, base_forward)
         return out.to(out_dtype)
+
+    def _aware_call(self, name: str) -> AwareCall:
+        """The merge-aware forward's inputs for adapter ``name``, its target storage cached per step."""
+        self._check_not_sharded("run merge-aware")
+        method, adapter = self.methods[name], self.adapters[name]
+        storage, bias = self.backend.get_storage(self.base), self.bias_tensor
+        target = aware_target(self.backend, method, adapter, storage, bias, name=name, cached=self._aware_cache)
+        self._aware_cache = target
+        params = [p for p in adapter.parameters() if p.requires_grad]
+        return AwareCall(self.backend, method, adapter, self.base, storage, bias, target, params)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -379,23 +425,27 @@ class QuantAdapterLinear(nn.Module):
         storage = self.backend.get_storage(self.base)
         adapter = self.adapters[name]
         method = self.methods[name]
-        new_storage, result = merge_storage(
-            self.backend,
-            method,
-            adapter,
-            storage,
-            name=name,
-            requantize_mode=requantize,
-            stats=stats,
-            heldout=heldout,
-            safe=safe,
-            tune_steps=tune_steps,
-        )
+        if self._merge_aware:
+            _check_aware_merge(requantize, stats, tune_steps)
+            new_storage, result = merge_aware_storage(self.backend, method, adapter, storage, name=name, safe=safe)
+        else:
+            new_storage, result = merge_storage(
+                self.backend,
+                method,
+                adapter,
+                storage,
+                name=name,
+                requantize_mode=requantize,
+                stats=stats,
+                heldout=heldout,
+                safe=safe,
+                tune_steps=tune_steps,
+            )
         old_bias = self.bias_tensor
         new_bias = None
         if not result.reverted:  # a reverted merge leaves the layer as it was, bias included
             new_bias = merged_bias(method, adapter, old_bias, name=name, safe=safe)
-        new_bias = None if new_bias is None else _bias_like(new_bias, old_bias)
+        new_bias = None if new_bias is None else bias_like(new_bias, old_bias)
         snapshot = storage.clone() if keep_snapshot else None
         self.backend.set_storage(self.base, new_storage)
         self._storage_writes += 1
@@ -451,7 +501,7 @@ class QuantAdapterLinear(nn.Module):
             restored = unmerge_storage(self.backend, method, adapter, storage, name=state.adapter, safe=safe)
             bias = self.bias_tensor
             restored_bias = merged_bias(method, adapter, bias, name=state.adapter, safe=safe, inverse=True)
-            restored_bias = None if restored_bias is None else _bias_like(restored_bias, bias)
+            restored_bias = None if restored_bias is None else bias_like(restored_bias, bias)
             self.backend.set_storage(self.base, restored)
             self._storage_writes += 1
             if restored_bias is not None:
@@ -613,11 +663,14 @@ def _describe(value: Any) -> str:
     return text + f" holding {value.item()}" if value.numel() == 1 else text
 
 
-def _bias_like(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
-    """``value`` as a bias object of ``like``'s kind, dtype and device (a frozen parameter for a parameter)."""
-    assert like is not None
-    tensor = value.detach().to(device=like.device, dtype=like.dtype)
-    return nn.Parameter(tensor, requires_grad=False) if isinstance(like, nn.Parameter) else tensor
+def _check_aware_merge(requantize: RequantizeMode, stats: CalibrationStats | None, tune_steps: int) -> None:
+    """Refuse merge options that would store something other than what a merge-aware layer computed."""
+    if requantize != "keep" or stats is not None or tune_steps:
+        raise ConfigError(
+            f"this layer computes merge-aware, so its merge stores exactly the storage it trained with; "
+            f"requantize={requantize!r}, calibration and tune_scales would change it. Merge without them, or set "
+            "merge_aware = False on the layer first (qadapt.set_merge_aware(model, False)) for an ordinary merge"
+        )
 
 
 def _check_not_empty(in_features: int, out_features: int) -> None:

@@ -88,6 +88,9 @@ class MergeReport(LayerFigures):
         if self.calibration_batches is not None:
             limit = " (stopped at max_calibration_batches)" if self.calibration_limited else ""
             text += f"; calibrated on {self.calibration_batches} batch(es){limit}"
+        aware = sum(r.merge_aware for r in self.layers.values())
+        if aware:
+            text += f"; {aware} merge-aware layer(s) stored exactly as trained"
         if self.reverted:
             text += f"; {len(self.reverted)} layer(s) kept their old weights (the merge was worse than no adapter)"
         if self.skipped:
@@ -280,7 +283,12 @@ def _merge(
 def _warn_low(report: MergeReport, warn_below: float | None) -> None:
     if warn_below is None:
         return
-    low = {n: r.kept for n, r in report.layers.items() if r.kept is not None and r.kept < warn_below}
+    # A merge-aware layer stores what it trained with: its distance to the float merge is no loss.
+    low = {
+        n: r.kept
+        for n, r in report.layers.items()
+        if r.kept is not None and r.kept < warn_below and not r.merge_aware
+    }
     if low:
         name, kept = min(low.items(), key=lambda item: item[1])
         calibrated = any(r.metric == "output" for r in report.layers.values())

@@ -200,6 +200,7 @@ def resolve_wrap_config(
     backend_options: Mapping[str, Any] | None,
     adapter_name: str,
     config: ConfigSource | None,
+    merge_aware: bool = False,
 ) -> tuple[QAdaptConfig, Method, Backend | str, Targets, Targets | None]:
     """Turn ``wrap``'s arguments (or its ``config``) into a validated config plus ready plugin objects.
 
@@ -212,7 +213,7 @@ def resolve_wrap_config(
             raise ArgumentTypeError(f"{label} must be a dict of option names to values, got {type(options).__name__}")
     if config is not None:
         given = (method, targets, exclude, method_options or None, backend_options or None)
-        if any(value is not None for value in given) or backend != AUTO_BACKEND:
+        if any(value is not None for value in given) or backend != AUTO_BACKEND or merge_aware:
             raise ConfigError("pass either config= or method=/targets=/... to wrap(), not both")
         cfg = load_config(config)
         method_obj = registry.method_class(cfg.method.name)(cfg.method.options)
@@ -230,6 +231,7 @@ def resolve_wrap_config(
         "targets": [_regex_text(p) for p in as_pattern_list(targets, "targets")],
         "exclude": [_regex_text(p) for p in as_pattern_list(exclude, "exclude")],
         "adapter_name": adapter_name,
+        "merge_aware": merge_aware,
     }
     if isinstance(method, Method) and method_options:
         raise ConfigError("method_options given with a Method instance; put the options in the instance")
@@ -258,6 +260,7 @@ def wrap(
     backend_options: Mapping[str, Any] | None = None,
     adapter_name: str = "default",
     config: ConfigSource | None = None,
+    merge_aware: bool = False,
 ) -> ModelT:
     """Put ``method`` adapters on ``model``'s target layers; returns the same model object.
 
@@ -274,6 +277,10 @@ def wrap(
         method_options / backend_options: options dicts, validated by the plugin's options model.
         adapter_name: name of the adapter created on every target.
         config: instead of the arguments above, a config file path, dict, or :class:`QAdaptConfig`.
+        merge_aware: train through the quantizer: every layer computes with the storage its merge
+            will write (straight-through gradient to the adapter), so after training ``merge()``
+            gives a model that computes exactly what was trained (docs/training.md). Every backend
+            must be able to requantize.
 
     Every parameter of the model except the adapters' is frozen.
 
@@ -282,7 +289,7 @@ def wrap(
         TargetError: no target matched (with the closest module names), or a target cannot be adapted.
     """
     cfg, method_obj, backend_arg, target_spec, exclude_spec = resolve_wrap_config(
-        method, backend, targets, exclude, method_options, backend_options, adapter_name, config
+        method, backend, targets, exclude, method_options, backend_options, adapter_name, config, merge_aware
     )
     return wrap_resolved(model, cfg, method_obj, backend_arg, target_spec, exclude_spec)
 
@@ -327,7 +334,12 @@ def wrap_resolved(
         layers = []
         for target in progress(plan, "qadapt wrap"):
             layer = QuantAdapterLinear(
-                target.module, target.method, target.backend, adapter_name=cfg.adapter_name, shared=shared
+                target.module,
+                target.method,
+                target.backend,
+                adapter_name=cfg.adapter_name,
+                shared=shared,
+                merge_aware=cfg.merge_aware,
             )
             # New modules start in training mode; keep the mode of the layer they replace (quantized
             # kernels such as bitsandbytes' int8 take a different path in eval mode).

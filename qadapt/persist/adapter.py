@@ -200,11 +200,15 @@ def _checkpoint_description(model: nn.Module, adapter_name: str) -> dict[str, An
         backend=backend,
         targets=[name for name, _ in carriers],
         adapter_name=adapter_name,
+        merge_aware=all(layer.merge_aware for _, layer in carriers),
     )
+    dumped = config.model_dump(mode="json")
+    if not dumped["merge_aware"]:  # written only when set: checkpoints of ordinary adapters read as before
+        del dumped["merge_aware"]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": config.model_dump(mode="json"),
+        "config": dumped,
         "layers": {name: [layer.in_features, layer.out_features] for name, layer in carriers},
         "float_linears": float_linears(model),
         "versions": {

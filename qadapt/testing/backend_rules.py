@@ -103,6 +103,30 @@ def check_forward_output_is_fresh_and_storage_untouched(
     assert backend.get_storage(module).equal(before), "forward() modified the quantized storage"
 
 
+def check_forward_storage_matches_a_swap(
+    backend: Backend | str, *, options: Any = None, in_features: int = 64, out_features: int = 48, seed: int = 0
+) -> None:
+    """``forward_storage(module, s, x)`` equals ``forward`` after ``set_storage(module, s)``, bit for bit,
+    and leaves the module's storage as it was (merge-aware layers rely on both). Skipped without requantize."""
+    backend = _backend(backend, options)
+    if not backend.capabilities.requantize:
+        return
+    _, module = _quantized(backend, in_features, out_features, seed)
+    before = backend.snapshot(module)
+    other = backend.requantize(backend.dequantize(before) * 0.75 + 0.01, like=before)
+    x = _input(in_features, seed)
+    with torch.no_grad():
+        through = backend.forward_storage(module, other, x)
+        assert backend.get_storage(module).equal(before), "forward_storage() left the module holding other storage"
+        backend.set_storage(module, other)
+        swapped = backend.forward(module, x)
+        backend.restore(module, before)
+    assert torch.equal(through, swapped), (
+        f"forward_storage() differs from forward() after set_storage() by {_relative(through, swapped):.3g} "
+        "(relative); a merge-aware layer would not compute what its merge stores"
+    )
+
+
 def check_requantize_round_trip(
     backend: Backend | str,
     *,
@@ -599,6 +623,7 @@ def backend_checks() -> list[BackendCheck]:
         check_dequantize_shape_dtype_and_accuracy,
         check_forward_matches_dequantized_weight,
         check_forward_output_is_fresh_and_storage_untouched,
+        check_forward_storage_matches_a_swap,
         check_requantize_round_trip,
         check_requantize_follows_like_not_options,
         check_set_storage_swaps_and_snapshot_restores_bits,
