@@ -40,7 +40,7 @@ from qadapt.merging.engine import check_requantize_mode, convert_weight, float_m
 from qadapt.merging.figures import FigureSums, check_finite, weight_figures
 from qadapt.merging.result import LayerFigures, MergeResult
 from qadapt.merging.rows import merge_rows_in_blocks
-from qadapt.protocols import Backend, QuantizedWeight
+from qadapt.protocols import Backend, Method, QuantizedWeight
 from qadapt.registry.reference import FloatBackend
 
 #: transformers' own default shard size (``save_pretrained``).
@@ -304,7 +304,8 @@ def _run(
                 cast = plan.target.dtype if step.action == "cast" and entry.is_float else None
                 writer.add_streamed(entry.key, entry, cast)
         else:
-            produced = _layer(step, plan, source, shared, writer, results, merge_kwargs, quantized)
+            prepared = prepare_layer(step, plan, source, shared)
+            produced = _layer(step, plan, source, prepared, writer, results, merge_kwargs, quantized).config
             if produced is not None:
                 if config is None:
                     config = produced
@@ -320,18 +321,22 @@ def _run(
     return results, config
 
 
+@dataclass
+class Prepared:
+    """One layer read for its step: the reader's backend and storage, the layer's method and adapter,
+    and for a quantized target the storage in the target's format the merge starts from (``start``)."""
+
+    backend: Backend
+    storage: QuantizedWeight
+    method: Method
+    adapter: nn.Module | None
+    start: QuantizedWeight | None = None
+
+
 @torch.no_grad()
-def _layer(
-    step: Step,
-    plan: Plan,
-    source: AdapterSource,
-    shared: nn.Module | None,
-    writer: ShardWriter,
-    results: dict[str, MergeResult],
-    merge_kwargs: dict[str, Any],
-    quantized: dict[str, float],
-) -> dict[str, Any] | None:
-    group, target = step.group, plan.target
+def prepare_layer(step: Step, plan: Plan, source: AdapterSource, shared: nn.Module | None) -> Prepared:
+    """Read ``step``'s layer from the checkpoint and its adapter (None when not adapted)."""
+    group = step.group
     tensors = read_tensors(group.entries.values())
     if group.float_weight:
         backend: Backend = FloatBackend()
@@ -339,9 +344,46 @@ def _layer(
     else:
         backend, storage = read_storage(group, tensors, plan.readers, plan.base_qc)
     del tensors
-    assert step.shape is not None
     method = source.method.for_layer(group.module) if step.adapted else source.method
-    adapter = source.adapter_for(group.module, step.shape, shared, backend, storage, method) if step.adapted else None
+    adapter = None
+    if step.adapted:
+        assert step.shape is not None
+        adapter = source.adapter_for(group.module, step.shape, shared, backend, storage, method)
+    start = None
+    if plan.target.dtype is None and step.action == "merge":
+        start = storage
+    elif plan.target.dtype is None and step.action == "quantize":
+        assert plan.target_backend is not None
+        start = _quantize(plan.target_backend, storage.tensors["weight"])
+    return Prepared(backend, storage, method, adapter, start)
+
+
+@dataclass
+class Written:
+    """What a step wrote for one layer: its quantization config (quantized targets), the storage in the
+    target's format (None for float targets) and the bias written (None: the base's own)."""
+
+    config: dict[str, Any] | None
+    storage: QuantizedWeight | None = None
+    bias: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def _layer(
+    step: Step,
+    plan: Plan,
+    source: AdapterSource,
+    prepared: Prepared,
+    writer: ShardWriter,
+    results: dict[str, MergeResult],
+    merge_kwargs: dict[str, Any],
+    quantized: dict[str, float],
+) -> Written:
+    group, target = step.group, plan.target
+    backend, storage, method, adapter = prepared.backend, prepared.storage, prepared.method, prepared.adapter
+    prepared.storage = prepared.adapter = None  # type: ignore[assignment]  # held here only, freed as they go
+    start, prepared.start = prepared.start, None
+    assert step.shape is not None
     bias_adapter = adapter  # the branches below drop ``adapter`` once merged
     name = source.name
     what = f"merging adapter {name!r} into {group.module}"
@@ -375,15 +417,15 @@ def _layer(
     else:
         tb = plan.target_backend
         assert tb is not None
-        if step.action == "merge":
-            new = storage
-        elif step.action == "quantize":
+        if step.action in ("merge", "quantize"):
+            assert start is not None
+            new = start
+        if step.action == "quantize":
             weight_in = storage.tensors["weight"]
-            new = _quantize(tb, weight_in)
             if adapter is None:  # a float linear quantized as it is: what that costs
                 error, _ = weight_figures(weight_in.float(), weight_in.float(), tb.dequantize(new), precision="float32")
                 quantized[group.module] = error
-        else:  # convert: from another format, through the float (merged) weight, guarded like a merge
+        elif step.action == "convert":  # from another format, through the float (merged) weight, guarded like a merge: from another format, through the float (merged) weight, guarded like a merge
             model_dtype = plan.model_dtype
 
             def write(weight: torch.Tensor) -> QuantizedWeight:
@@ -403,6 +445,7 @@ def _layer(
         kept_base = plan.base_qc if backend.name == tb.name else None
         qc = tb.checkpoint_config(new, kept_base)
         tensors_out = tb.to_checkpoint(new)
+    written = Written(qc, None if target.dtype is not None else new)
     for rel, tensor in tensors_out.items():
         writer.add(f"{group.module}.{rel}", tensor)
     if group.bias is not None:
@@ -415,5 +458,6 @@ def _layer(
         if new_bias is None:
             writer.add_streamed(group.bias.key, group.bias, cast)
         else:
-            writer.add(group.bias.key, new_bias.to(cast or bias.dtype))
-    return qc
+            written.bias = new_bias.to(cast or bias.dtype)
+            writer.add(group.bias.key, written.bias)
+    return written
