@@ -203,7 +203,9 @@ def build_model(base: InputDirectory, base_config: Mapping[str, Any], context: A
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError as exc:
-        raise CapabilityError(f"this export needs transformers to read the model (pip install transformers): {exc}") from exc
+        raise CapabilityError(
+            f"this export needs transformers to read the model (pip install transformers): {exc}"
+        ) from exc
     path = base.real / CONFIG_FILE
     model_type = base_config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
