@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 from qadapt.cli.tables import format_table
 from qadapt.errors import QAdaptError
-from qadapt.formats.calibration_text import DEFAULT_CALIBRATION_TOKENS
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -78,6 +77,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from qadapt.exporting import REPORT_FILE, export
+    from qadapt.formats.calibration_text import DEFAULT_CALIBRATION_TOKENS
 
     report = export(
         args.base,
@@ -92,7 +92,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         quantize_float_linears=args.quantize_float_linears,
         calibration=args.calibration,
-        calibration_tokens=args.calibration_tokens,
+        calibration_tokens=DEFAULT_CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens,
         sequential=args.sequential,
     )
     rows = [
@@ -249,10 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--calibration-tokens",
         type=int,
-        default=DEFAULT_CALIBRATION_TOKENS,
+        default=None,
         metavar="N",
-        help=f"tokens read from the calibration file at most (default {DEFAULT_CALIBRATION_TOKENS}: 16 batches of "
-        "4 x 128)",
+        help="tokens read from the calibration file at most (default 8192: 16 batches of 4 x 128)",
     )
     exp.add_argument(
         "--sequential",
