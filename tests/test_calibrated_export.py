@@ -192,3 +192,25 @@ def test_jsonl_records_and_bad_options(setup: dict[str, Path], tmp_path: Path):
     with pytest.raises(ConfigError, match="has no tokenizer"):
         export(no_tokenizer, setup["adapter"], out, to="nf4", progress=False, calibration=setup["text"])
     assert not out.exists()
+
+
+def test_an_uncalibrated_export_that_keeps_little_says_so_and_what_to_use(tmp_path: Path):
+    tiny_llama().save_pretrained(tmp_path / "float")
+    model = qadapt.wrap(
+        LlamaForCausalLM.from_pretrained(tmp_path / "float"), method="lora", backend="bnb4", method_options={"r": 4}
+    )
+    perturb_adapters(model, scale=0.002)  # far below one 4-bit step, as real fine-tunes move weights
+    qadapt.save_adapter(model.eval(), tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="merged without calibration data: the layers kept") as caught:
+        report = export(tmp_path / "float", tmp_path / "adapter", tmp_path / "out", to="nf4", progress=False)
+    median = sorted(r.kept for r in report.layers.values())[len(report.layers) // 2]
+    assert report.advice is not None and f"kept {median:.1%}" in report.advice and report.advice in str(report)
+    assert "--calibration FILE" in report.advice and "calibration='self'" in report.advice
+    assert any(report.advice == str(w.message) for w in caught)
+    assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["advice"] == report.advice
+    calibrated = export(
+        tmp_path / "float", tmp_path / "adapter", tmp_path / "cal", to="nf4", progress=False,
+        calibration=[{"input_ids": torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(i))}
+                     for i in range(8)],
+    )  # fmt: skip
+    assert calibrated.advice is None and calibrated.median_kept > median

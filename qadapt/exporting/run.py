@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadapt.errors import ConfigError
+from qadapt.errors import ConfigError, warn
 from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
 from qadapt.exporting.calibrated import CalibratedRun, check_calibration_options, resolve_batches
 from qadapt.exporting.output import OutputSlot, check_out, recover_stale
@@ -101,6 +101,8 @@ class ExportReport(LayerFigures):
     #: calibration batches used (fit + held out; None: no calibration), and whether blocks were fed merged.
     calibration_batches: int | None = None
     sequential: bool = False
+    #: without calibration, when the quantized merges kept little: the share kept and what keeps more.
+    advice: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -143,6 +145,8 @@ class ExportReport(LayerFigures):
             shown = ", ".join(self.left_out_files[:8]) + (", ..." if len(self.left_out_files) > 8 else "")
             lines.append(f"not copied from BASE (not a known tokenizer/config file): {shown}")
         lines += self.recovered
+        if self.advice:
+            lines.append(self.advice)
         return "\n".join(lines)
 
 
@@ -261,10 +265,31 @@ def export(
             source.float_linears is not None,
             None if calibrated is None else calibrated.batches.count,
             sequential,
+            _no_data_advice(results) if calibrated is None and target.dtype is None else None,
         )
         (slot.tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         slot.commit(overwrite)
     return report
+
+
+#: An uncalibrated export to a quantized target that keeps less than this (median) says what keeps more.
+ADVISE_BELOW = 0.5
+
+
+def _no_data_advice(results: Mapping[str, MergeResult]) -> str | None:
+    """The share an uncalibrated quantized export kept (weight space, median over merged layers) and what
+    keeps more, when it is below :data:`ADVISE_BELOW` (also warned); else None."""
+    kept = sorted(r.kept for r in results.values() if r.kept is not None and r.path != "storage")
+    if not kept or kept[len(kept) // 2] >= ADVISE_BELOW:
+        return None
+    advice = (
+        f"merged without calibration data: the layers kept {kept[len(kept) // 2]:.1%} of their adapter's effect "
+        f"(weight space, median; lowest {kept[0]:.1%}): a fine-tune moves weights by less than a quantization step. "
+        "To keep more: --calibration FILE (text like the fine-tune's, tokenized with BASE's tokenizer), a float "
+        "target (--to bf16), or in memory merge(model, calibration=batches) / merge(model, calibration='self')"
+    )
+    warn(advice)
+    return advice
 
 
 def _side_files(base: InputDirectory) -> tuple[list[str], list[str]]:
