@@ -27,7 +27,10 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "docs/config.md": ("invalid qadapt config (4 errors)", "['adapter_name', 'backend', 'exclude', 'method'"),
     "docs/backends.md": ("{'torchao': 2}",),
     "docs/training.md": ("saved adapter after 4 steps", "Trainer ran 4 steps; adapter saved"),
-    "docs/export.md": ("exported llama-merged-nf4 (nf4): 14 layer(s) merged",),
+    "docs/export.md": (
+        "exported llama-merged-nf4 (nf4): 14 layer(s) merged",
+        "calibrated on 8 batch(es), block by block",
+    ),
     "docs/plugins.md": ("int8sym and oft pass the contract suite",),
     "docs/first-plugin.md": (
         "contract: ok",

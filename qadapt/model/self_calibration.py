@@ -22,7 +22,7 @@ SELF_TOKENS = 8192
 SELF_SEQ_LEN = 128
 SELF_BATCH_SIZE = 4
 #: Rows sampled in one generation pass at most.
-_ROWS_AT_ONCE = 16
+_ROWS_AT_ONCE = 64
 
 
 def _start_token(model: nn.Module, start: int | None) -> int:
