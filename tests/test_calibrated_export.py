@@ -68,10 +68,19 @@ def file_batches(setup: dict[str, Path], tokens: int = 4096) -> list[dict[str, t
     return calibration_batches(setup["text"], tokenizer, tokens=tokens, seq_len=32, batch_size=4)
 
 
+@pytest.mark.parametrize("base", ["float", "nf4"])
 @torch.no_grad()
-def test_calibrated_export_writes_the_in_memory_calibrated_merge_bit_for_bit(setup: dict[str, Path], tmp_path: Path):
+def test_calibrated_export_writes_the_in_memory_calibrated_merge_bit_for_bit(
+    setup: dict[str, Path], tmp_path: Path, base: str
+):
     batches = file_batches(setup)
-    reference = qadapt.load_adapter(load_nf4(setup["base"]), setup["adapter"])
+    if base == "nf4":  # a base transformers saved in nf4: each layer is merged in its own format
+        load_nf4(setup["base"]).save_pretrained(tmp_path / "nf4")
+        setup = {**setup, "base": tmp_path / "nf4"}
+        load = lambda: LlamaForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")  # noqa: E731
+    else:
+        load = lambda: load_nf4(setup["base"])  # noqa: E731
+    reference = qadapt.load_adapter(load(), setup["adapter"])
     in_memory = qadapt.merge(reference, calibration=batches)
     # Taken before any forward: bitsandbytes' CPU forward repacks a Linear4bit's state in place.
     expected = {k: v.clone() for k, v in qadapt.unwrap(reference, merge=True).state_dict().items()}
@@ -83,7 +92,7 @@ def test_calibrated_export_writes_the_in_memory_calibrated_merge_bit_for_bit(set
     assert all(torch.equal(t, expected[k]) for k, t in written.items()), [
         k for k, t in written.items() if not torch.equal(t, expected[k])
     ]
-    assert {r.path for r in report.layers.values()} == {"calibrated"}
+    assert {r.path for r in report.layers.values()} == {"calibrated"} and len(report.layers) == 14
     # The figures are the in-memory merge's: the same statistics, held-out rows and codes.
     assert {n: r.kept for n, r in report.layers.items()} == {n: r.kept for n, r in in_memory.layers.items()}
     assert report.calibration_batches == len(batches) and f"calibrated on {len(batches)} batch(es)" in str(report)
