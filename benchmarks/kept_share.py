@@ -144,8 +144,8 @@ def _export_row(task: Task, name: str, folder: Path, calibration: Path, base: fl
     return Row("", f"export --to {target} --calibration", ppl, _kept(base, tuned, ppl), seconds)
 
 
-#: calibration tokens: 16 batches of 4 x 128 (real), 8 of 4 x 32 (quick: the tiny model's rows are short)
-CAL_TOKENS = {False: 8192, True: 4096}
+#: calibration tokens: 16 batches of 4 x 128 (real), 2 (quick)
+CAL_TOKENS = {False: 8192, True: 1024}
 
 
 def _merge_aware_row(task: Task, name: str, steps: int, base: float, tuned: float) -> Row:
@@ -169,8 +169,8 @@ def run_config(task: Task, name: str, steps: int, folder: Path) -> list[Row]:
     tuned = demo.perplexity(model, task.heldout)
     qadapt.save_adapter(model, folder / f"adapter-{name}")
     calibration = folder / "calibration.txt"
-    seq = 32 if task.quick else 128
-    batches = qadapt.calibration_batches(calibration, task.tokenizer, CAL_TOKENS[task.quick], seq_len=seq)
+    # the batches qadapt export --calibration reads from the same file (rows of 128 tokens, 4 a batch)
+    batches = qadapt.calibration_batches(calibration, task.tokenizer, CAL_TOKENS[task.quick])
     rows = [
         Row("", "quantized base (no adapter)", base, 0.0, None),
         Row("", "unmerged", tuned, 1.0, None),
@@ -184,7 +184,7 @@ def run_config(task: Task, name: str, steps: int, folder: Path) -> list[Row]:
         rows.append(Row("", "sequential", None, None, None, "skipped: merge() has no sequential option here"))
     own: Any = "self"
     if task.quick:  # fewer, shorter rows than merge(calibration="self") samples: a smoke test
-        own = qadapt.self_calibration(model, tokens=CAL_TOKENS[True], seq_len=seq)
+        own = qadapt.self_calibration(model, tokens=CAL_TOKENS[True], seq_len=32)
     rows.append(_merge_row(model, task, "self-calibrated", base, tuned, calibration=own))
     rows.append(_export_row(task, name, folder, calibration, base, tuned))
     rows.append(_merge_aware_row(task, name, steps, base, tuned))
@@ -211,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama, a few steps (smoke test)")
     parser.add_argument("--model", default=None, help="a transformers directory or .gguf (default: SmolLM2 wheel)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 30; quick 5)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS), help="all (quick: lora-nf4)")
     parser.add_argument("--out", default=None, help="write results.json and results.md here")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 30)
+    configs = args.configs or (["lora-nf4"] if args.quick else list(CONFIGS))
     task = Task(args.quick, args.model, 32 if args.quick else 128)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         task.float_model.save_pretrained(folder / "base")
         task.tokenizer.save_pretrained(folder / "base")
         (folder / "calibration.txt").write_text(task.train_text, encoding="utf-8")
-        for name in args.configs:
+        for name in configs:
             rows += run_config(task, name, steps, folder)
             print(table([r for r in rows if r.config == name]), flush=True)
     text = table(rows)
