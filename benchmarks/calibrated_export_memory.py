@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SIZES = {"quick": (256, 4, 768), "full": (768, 12, 2048)}  # hidden, layers, intermediate
+SIZES = {"quick": (256, 4, 768), "full": (512, 8, 1536)}  # hidden, layers, intermediate
 
 
 def _rss_mib() -> float:
