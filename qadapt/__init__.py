@@ -55,6 +55,7 @@ _LAZY: dict[str, str] = {
     "RequantizeMode": "qadapt.merging.result",
     "WrapSummary": "qadapt.model.summary",
     "add_adapter": "qadapt.model.adapters",
+    "calibration_batches": "qadapt.formats.calibration_text",
     "config_schema": "qadapt.config",
     "delete_adapter": "qadapt.model.adapters",
     "disable_adapters": "qadapt.model.adapters",
@@ -71,6 +72,7 @@ _LAZY: dict[str, str] = {
     "print_trainable_parameters": "qadapt.model.summary",
     "save_adapter": "qadapt.persist.adapter",
     "save_peft_adapter": "qadapt.persist.peft",
+    "self_calibration": "qadapt.model.self_calibration",
     "set_adapter": "qadapt.model.adapters",
     "set_merge_aware": "qadapt.model.adapters",
     "summary": "qadapt.model.summary",
@@ -103,6 +105,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what a type checker and an IDE see: the eager imports
     from qadapt.config import ConfigValidationError, PluginSpec, QAdaptConfig, config_schema, load_config
     from qadapt.exporting import ExportReport, export
+    from qadapt.formats.calibration_text import calibration_batches
     from qadapt.merging.engine import merge_storage
     from qadapt.merging.result import MergeResult, RequantizeMode
     from qadapt.model.adapters import (
@@ -117,6 +120,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the eager imports
     from qadapt.model.layers import list_adapters
     from qadapt.model.merged_weights import merged_weights
     from qadapt.model.model_merge import MergeReport, merge, unmerge, unwrap
+    from qadapt.model.self_calibration import self_calibration
     from qadapt.model.summary import WrapSummary, print_trainable_parameters, summary
     from qadapt.model.wrap import wrap
     from qadapt.persist.adapter import load_adapter, save_adapter
@@ -172,6 +176,7 @@ __all__ = [
     "WrapSummary",
     "__version__",
     "add_adapter",
+    "calibration_batches",
     "config_schema",
     "delete_adapter",
     "disable_adapters",
@@ -188,6 +193,7 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "save_peft_adapter",
+    "self_calibration",
     "set_adapter",
     "set_merge_aware",
     "summary",

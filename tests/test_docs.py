@@ -39,6 +39,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "exported llama-merged-nf4 (nf4): 14 layer(s) merged",
         "compressed-tensors pack-quantized ['lm_head']",
         "w4a16 export equals the in-memory merge: True",
+        "calibrated on 8 batch(es), block by block",
     ),
     "docs/plugins.md": ("int8sym and oft pass the contract suite",),
     "docs/first-plugin.md": (

@@ -77,6 +77,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from qadapt.exporting import REPORT_FILE, export
+    from qadapt.formats.calibration_text import DEFAULT_CALIBRATION_TOKENS
 
     report = export(
         args.base,
@@ -90,6 +91,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         requantize=args.requantize,
         progress=not args.no_progress,
         quantize_float_linears=args.quantize_float_linears,
+        calibration=args.calibration,
+        calibration_tokens=DEFAULT_CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens,
+        sequential=args.sequential,
     )
     rows = [
         (
@@ -233,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="float base, quantized target: also quantize the linears that were float when the adapter was trained "
         "(by default they stay float; the report gives each one's cost)",
+    )
+    exp.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="calibration text: a text file, or JSON Lines with a 'text' field per line, tokenized with BASE's "
+        "tokenizer; each adapted layer is merged against its inputs (quantized targets; decoder models, one block "
+        "in memory at a time)",
+    )
+    exp.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens read from the calibration file at most (default 8192: 16 batches of 4 x 128)",
+    )
+    exp.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --calibration: feed each block's merged outputs to the next block (default: the adapted, "
+        "unmerged outputs, as the in-memory merge)",
     )
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.add_argument("-v", "--verbose", action="store_true", help="print every layer's merge figures")

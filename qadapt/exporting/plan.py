@@ -190,22 +190,21 @@ def _model_class(transformers: Any, config: Any, path: Path) -> Any:
     return cls
 
 
-def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> tuple[set[str], set[str]]:
-    """``(linears, kept)``: the modules transformers quantizes when it loads ``base`` with a quantization
-    config (every ``nn.Linear`` except the ones it keeps in float), and the names it keeps in float
-    (output embeddings, tied weights, the base's skip list).
+def build_model(base: InputDirectory, base_config: Mapping[str, Any], context: Any = None) -> nn.Module:
+    """The transformers model ``base``'s config describes, built inside ``context`` (default: on the meta
+    device), from the config already read: no file is read again, no remote code is run, and
+    ``architectures`` may only name a transformers model class.
 
-    The model is built on the meta device from the config already read (no file is read again,
-    no remote code is run, and ``architectures`` may only name a transformers model class).
+    Raises:
+        CapabilityError: transformers is not installed.
+        CheckpointError: a config transformers cannot read or build (naming the file and field).
     """
     try:
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-        from transformers.quantizers.base import get_keys_to_not_convert
     except ImportError as exc:
         raise CapabilityError(
-            "exporting a float base to a quantized target needs transformers to find the linear layers "
-            f"(pip install transformers): {exc}"
+            f"this export needs transformers to read the model (pip install transformers): {exc}"
         ) from exc
     path = base.real / CONFIG_FILE
     model_type = base_config.get("model_type")
@@ -223,11 +222,22 @@ def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> tup
         ) from exc
     cls = _model_class(transformers, config, path)
     try:
-        with torch.device("meta"):
+        with context if context is not None else torch.device("meta"):
             model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except Exception as exc:  # building from hostile fields: any exception type
         what = cls.__name__ if cls is not None else f"a {model_type!r} model"
         raise CheckpointError(f"{path}: transformers cannot build {what} from it: {shorten(exc, 300)}") from exc
+    return model.eval()
+
+
+def _linear_modules(base: InputDirectory, base_config: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """``(linears, kept)``: the modules transformers quantizes when it loads ``base`` with a quantization
+    config (every ``nn.Linear`` except the ones it keeps in float), and the names it keeps in float
+    (output embeddings, tied weights, the base's skip list). The model is built on the meta device.
+    """
+    model = build_model(base, base_config)
+    from transformers.quantizers.base import get_keys_to_not_convert
+
     skip = set(get_keys_to_not_convert(model)) | set(
         (base_config.get("quantization_config") or {}).get("llm_int8_skip_modules") or []
     )

@@ -16,32 +16,30 @@ OUT may not be, hold or lie inside either. The output is written to a temporary 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qadapt.errors import CheckpointError, ConfigError
+from qadapt.errors import ConfigError, warn
 from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
+from qadapt.exporting.calibrated import CalibratedRun, check_calibration_options, resolve_batches
 from qadapt.exporting.output import OutputSlot, check_out, recover_stale
-from qadapt.exporting.plan import Plan, Step, make_plan, mib, read_storage
+from qadapt.exporting.plan import Plan, make_plan, mib
+from qadapt.exporting.steps import StepWriter
 from qadapt.exporting.targets import resolve_target
-from qadapt.formats.hf_checkpoint import ShardWriter, parse_size, read_tensors
+from qadapt.formats.calibration_text import DEFAULT_CALIBRATION_TOKENS
+from qadapt.formats.hf_checkpoint import ShardWriter, parse_size
 from qadapt.formats.local_files import InputDirectory
-from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merge_storage, merged_bias
-from qadapt.merging.figures import FigureSums, check_finite, weight_figures
+from qadapt.merging.engine import check_requantize_mode
 from qadapt.merging.result import LayerFigures, MergeResult
-from qadapt.merging.rows import merge_rows_in_blocks
-from qadapt.protocols import Backend, QuantizedWeight
-from qadapt.registry.reference import FloatBackend
+from qadapt.model.calibration import DEFAULT_MAX_BATCHES, check_limit
 
 #: transformers' own default shard size (``save_pretrained``).
 DEFAULT_SHARD_SIZE = "50GB"
@@ -74,13 +72,6 @@ SIDE_FILES = (
 _REWRITTEN = {"config.json", "model.safetensors", "model.safetensors.index.json", REPORT_FILE}
 
 
-def _quantize(backend: Backend, weight: torch.Tensor) -> QuantizedWeight:
-    """``weight [out, in]`` in ``backend``'s format through its own ``quantize`` (as wrapping a float layer does)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    return backend.get_storage(backend.quantize(linear))
-
-
 @dataclass(frozen=True)
 class ExportReport(LayerFigures):
     """What :func:`export` wrote: the per-layer merge figures and the sizes involved."""
@@ -107,6 +98,11 @@ class ExportReport(LayerFigures):
     quantized_float: dict[str, float] = field(default_factory=dict)
     #: whether the adapter recorded its model's float linears (qadapt checkpoints since they do; not PEFT).
     float_linears_recorded: bool = True
+    #: calibration batches used (fit + held out; None: no calibration), and whether blocks were fed merged.
+    calibration_batches: int | None = None
+    sequential: bool = False
+    #: without calibration, when the quantized merges kept little: the share kept and what keeps more.
+    advice: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -126,6 +122,9 @@ class ExportReport(LayerFigures):
             f"memory: estimated peak {mib(self.peak_estimate)} of max_memory {mib(self.max_memory)} "
             f"(largest tensor {mib(self.largest_tensor_bytes)})",
         ]
+        if self.calibration_batches is not None:
+            fed = "merged (sequential)" if self.sequential else "adapted, unmerged"
+            lines.append(f"calibrated on {self.calibration_batches} batch(es), block by block; fed {fed} outputs")
         if self.kept_float:
             lines.append(
                 f"{len(self.kept_float)} float linear(s) kept in float, as they were when the adapter was trained "
@@ -146,6 +145,8 @@ class ExportReport(LayerFigures):
             shown = ", ".join(self.left_out_files[:8]) + (", ..." if len(self.left_out_files) > 8 else "")
             lines.append(f"not copied from BASE (not a known tokenizer/config file): {shown}")
         lines += self.recovered
+        if self.advice:
+            lines.append(self.advice)
         return "\n".join(lines)
 
 
@@ -162,6 +163,10 @@ def export(
     requantize: str | None = None,
     progress: bool = True,
     quantize_float_linears: bool = False,
+    calibration: str | os.PathLike[str] | Iterable[Any] | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    sequential: bool = False,
+    max_calibration_batches: int = DEFAULT_MAX_BATCHES,
 ) -> ExportReport:
     """Merge ``adapter`` into the model at ``base`` and write a model directory at ``out``.
 
@@ -181,6 +186,15 @@ def export(
         quantize_float_linears: for a float base and a quantized target, also quantize the float linears
             that were float when the adapter was trained (the checkpoint records them; by default they stay
             float, so the export is the model that was trained). The report gives each one's cost.
+        calibration: a text or JSON Lines file (``{"text": ...}`` per line; tokenized with BASE's tokenizer),
+            or batches of token ids (``[{"input_ids": [batch, seq]}, ...]``): merge each adapted layer
+            against its inputs (``requantize="calibrated"`` by default), one decoder block at a time
+            (transformers decoder models, quantized targets). The same batches give the codes
+            ``merge(model, calibration=batches)`` gives in memory.
+        calibration_tokens: tokens read from a calibration file at most (rows of 128, batches of 4 rows).
+        sequential: feed each block's merged outputs to the next block (GPTQ's order), instead of the
+            unmerged ones (what the in-memory merge gathers its statistics from).
+        max_calibration_batches: batches used at most (as ``merge``).
 
     Every file is read inside ``base`` or ``adapter`` only (a symlink out of them, a FIFO or device,
     an index entry with ``..`` is refused); of BASE's other files only :data:`SIDE_FILES` are copied.
@@ -213,13 +227,19 @@ def export(
     source = read_adapter_source(adapter_dir)
     if not isinstance(quantize_float_linears, bool):
         raise ConfigError(f"quantize_float_linears must be True or False, got {quantize_float_linears!r}")
+    check_calibration_options(calibration, target.dtype, sequential)
+    check_limit(max_calibration_batches)
     plan, shared = make_plan(base_dir, source, target, max_memory, quantize_float_linears)
     side_files, left_out = _side_files(base_dir)
+    calibrated = None
+    if calibration is not None:
+        batches = resolve_batches(calibration, base_dir, calibration_tokens, max_calibration_batches)
+        calibrated = CalibratedRun(plan, base_dir, batches, sequential)
     with OutputSlot(out) as slot:
         writer = ShardWriter(slot.tmp, shard_size)
         try:
             quantized: dict[str, float] = {}
-            results, qc = _run(plan, source, shared, writer, requantize, progress, quantized)
+            results, qc = _run(plan, source, shared, writer, requantize, progress, quantized, calibrated)
             files = writer.finish()
         finally:
             writer.abort()
@@ -243,10 +263,33 @@ def export(
             plan.kept_float,
             {name: quantized[name] for name in plan.quantized_float if name in quantized},
             source.float_linears is not None,
+            None if calibrated is None else calibrated.batches.count,
+            sequential,
+            _no_data_advice(results) if calibrated is None and target.dtype is None else None,
         )
         (slot.tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         slot.commit(overwrite)
     return report
+
+
+#: An uncalibrated export to a quantized target that keeps less than this (median) says what keeps more.
+ADVISE_BELOW = 0.5
+
+
+def _no_data_advice(results: Mapping[str, MergeResult]) -> str | None:
+    """The share an uncalibrated quantized export kept (weight space, median over merged layers) and what
+    keeps more, when it is below :data:`ADVISE_BELOW` (also warned); else None."""
+    kept = sorted(r.kept for r in results.values() if r.kept is not None and r.path != "storage")
+    if not kept or kept[len(kept) // 2] >= ADVISE_BELOW:
+        return None
+    advice = (
+        f"merged without calibration data: the layers kept {kept[len(kept) // 2]:.1%} of their adapter's effect "
+        f"(weight space, median; lowest {kept[0]:.1%}): a fine-tune moves weights by less than a quantization step. "
+        "To keep more: --calibration FILE (text like the fine-tune's, tokenized with BASE's tokenizer), a float "
+        "target (--to bf16), or in memory merge(model, calibration=batches) / merge(model, calibration='self')"
+    )
+    warn(advice)
+    return advice
 
 
 def _side_files(base: InputDirectory) -> tuple[list[str], list[str]]:
@@ -292,128 +335,22 @@ def _run(
     requantize: str | None,
     progress: bool,
     quantized: dict[str, float],
+    calibrated: CalibratedRun | None = None,
 ) -> tuple[dict[str, MergeResult], dict[str, Any] | None]:
-    results: dict[str, MergeResult] = {}
-    config: dict[str, Any] | None = None
+    steps = StepWriter(plan, source, shared, writer, quantized)
     merge_kwargs = {} if requantize is None else {"requantize_mode": requantize}
-    bar = tqdm(plan.steps, desc="qadapt export", unit="layer", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        group = step.group
-        if step.action in ("copy", "cast"):
-            for entry in [*group.entries.values(), *([group.bias] if group.bias else [])]:
-                cast = plan.target.dtype if step.action == "cast" and entry.is_float else None
-                writer.add_streamed(entry.key, entry, cast)
+    bar = tqdm(total=len(plan.steps), desc="qadapt export", unit="layer", disable=not progress, dynamic_ncols=True)
+    try:
+        if calibrated is not None:
+            calibrated.run(steps, requantize, bar)
         else:
-            produced = _layer(step, plan, source, shared, writer, results, merge_kwargs, quantized)
-            if produced is not None:
-                if config is None:
-                    config = produced
-                elif produced != config:
-                    raise CheckpointError(
-                        f"{group.module} would be written with quantization_config {produced}, other layers with "
-                        f"{config}; one checkpoint holds one format"
-                    )
-        bar.set_postfix_str(f"{writer.bytes_written / 2**20:,.0f} MiB written", refresh=False)
+            for step in plan.steps:
+                steps.write(step, merge_kwargs)
+                steps.tick(bar)
+    finally:
+        bar.close()
+    config = steps.config
     if plan.target_backend is not None and config is None:
         # Every quantized layer was copied as it was: the base's own config describes them.
         config = plan.base_qc
-    return results, config
-
-
-@torch.no_grad()
-def _layer(
-    step: Step,
-    plan: Plan,
-    source: AdapterSource,
-    shared: nn.Module | None,
-    writer: ShardWriter,
-    results: dict[str, MergeResult],
-    merge_kwargs: dict[str, Any],
-    quantized: dict[str, float],
-) -> dict[str, Any] | None:
-    group, target = step.group, plan.target
-    tensors = read_tensors(group.entries.values())
-    if group.float_weight:
-        backend: Backend = FloatBackend()
-        storage = QuantizedWeight({"weight": tensors[group.entries["weight"].key]})
-    else:
-        backend, storage = read_storage(group, tensors, plan.readers, plan.base_qc)
-    del tensors
-    assert step.shape is not None
-    method = source.method.for_layer(group.module) if step.adapted else source.method
-    adapter = source.adapter_for(group.module, step.shape, shared, backend, storage, method) if step.adapted else None
-    bias_adapter = adapter  # the branches below drop ``adapter`` once merged
-    name = source.name
-    what = f"merging adapter {name!r} into {group.module}"
-    qc = None
-    if target.dtype is not None:  # float target: the exact float merged weight, cast
-        dtype = target.dtype
-        if adapter is None:
-            out = backend.dequantize(storage).to(dtype)
-        elif group.float_weight and (merge_rows := method.row_merger(adapter)) is not None:
-            weight_in = storage.tensors["weight"]
-            figures = FigureSums("float32")
-            blocks = merge_rows_in_blocks(weight_in, merge_rows, dtype, what, figures)
-            writer.add_blocks(f"{group.module}.weight", dtype, tuple(weight_in.shape), blocks)
-            error, retained = figures.finish()
-            results[group.module] = MergeResult(name, error, retained, path="float")
-            del storage, adapter, weight_in
-            out = None
-        else:
-            weight, merged = float_merged_weight(backend, method, adapter, storage)
-            del storage, adapter  # the checkpoint tensors are no longer needed
-            out = merged.to(dtype)
-            error, retained = weight_figures(weight, merged, out, precision="float32")
-            if math.isnan(error):
-                # The safe check, where the figures show it is needed (no float64 copy of the layer):
-                # non-finite merged weights, or finite ones the target dtype cannot hold.
-                check_finite(merged, what)
-                check_finite(out, f"{what} (in {dtype})")
-            results[group.module] = MergeResult(name, error, retained, path="float")
-            del weight, merged
-        tensors_out = {} if out is None else {"weight": out}
-    else:
-        tb = plan.target_backend
-        assert tb is not None
-        if step.action == "merge":
-            new = storage
-        elif step.action == "quantize":
-            weight_in = storage.tensors["weight"]
-            new = _quantize(tb, weight_in)
-            if adapter is None:  # a float linear quantized as it is: what that costs
-                error, _ = weight_figures(weight_in.float(), weight_in.float(), tb.dequantize(new), precision="float32")
-                quantized[group.module] = error
-        else:  # convert: from another format, through the float (merged) weight, guarded like a merge
-            model_dtype = plan.model_dtype
-
-            def write(weight: torch.Tensor) -> QuantizedWeight:
-                return _quantize(tb, weight.to(model_dtype))
-
-            if adapter is None:
-                new = write(backend.dequantize(storage))
-            else:
-                weight, merged = float_merged_weight(backend, method, adapter, storage)
-                new, results[group.module] = convert_weight(
-                    weight, merged, write, tb.dequantize, name=name, path="fresh", what=what
-                )
-                del weight, merged
-            adapter = None  # merged already
-        if adapter is not None:
-            new, results[group.module] = merge_storage(tb, method, adapter, new, name=name, **merge_kwargs)
-        kept_base = plan.base_qc if backend.name == tb.name else None
-        qc = tb.checkpoint_config(new, kept_base)
-        tensors_out = tb.to_checkpoint(new)
-    for rel, tensor in tensors_out.items():
-        writer.add(f"{group.module}.{rel}", tensor)
-    if group.bias is not None:
-        cast = target.dtype if target.dtype is not None and group.bias.is_float else None
-        new_bias = None
-        result = results.get(group.module)
-        if bias_adapter is not None and not (result is not None and result.reverted):
-            bias = read_tensors([group.bias])[group.bias.key]
-            new_bias = merged_bias(method, bias_adapter, bias, name=name)  # None: the method leaves the bias
-        if new_bias is None:
-            writer.add_streamed(group.bias.key, group.bias, cast)
-        else:
-            writer.add(group.bias.key, new_bias.to(cast or bias.dtype))
-    return qc
+    return steps.results, config

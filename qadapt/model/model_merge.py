@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qadapt import registry
-from qadapt.errors import AdapterStateError, CapabilityError, ConfigError, InputError, shorten, warn
+from qadapt.errors import AdapterStateError, ArgumentTypeError, CapabilityError, ConfigError, InputError, shorten, warn
 from qadapt.merging.engine import check_requantize_mode, convert_weight, float_merged_weight, merged_bias
 from qadapt.merging.figures import kept_share
 from qadapt.merging.result import LayerFigures, MergeResult, RequantizeMode
@@ -38,6 +38,7 @@ from qadapt.model.calibration import (
 )
 from qadapt.model.layer import DISABLED_MERGE, QuantAdapterLinear, UnmergeMode
 from qadapt.model.layers import Layers, progress, refuse_merged, require_adapter, shared_state, wrapped_layers
+from qadapt.model.self_calibration import self_calibration
 from qadapt.model.transaction import Transaction, transaction
 from qadapt.protocols import Backend
 
@@ -64,6 +65,10 @@ class MergeReport(LayerFigures):
     #: calibration batches used (fit + held out), and whether reading stopped at max_calibration_batches.
     calibration_batches: int | None = None
     calibration_limited: bool = False
+    #: where the calibration came from: ``"batches"`` (given), ``"self"`` (the model's own text), None.
+    calibration_source: str | None = None
+    #: without calibration, when the merge kept little: the share it kept and what keeps more.
+    advice: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every figure."""
@@ -76,6 +81,8 @@ class MergeReport(LayerFigures):
             "skipped": dict(self.skipped),
             "calibration_batches": self.calibration_batches,
             "calibration_limited": self.calibration_limited,
+            "calibration_source": self.calibration_source,
+            "advice": self.advice,
         }
 
     def __str__(self) -> str:
@@ -87,7 +94,8 @@ class MergeReport(LayerFigures):
             text += f", model outputs kept {self.model_kept:.3g}"
         if self.calibration_batches is not None:
             limit = " (stopped at max_calibration_batches)" if self.calibration_limited else ""
-            text += f"; calibrated on {self.calibration_batches} batch(es){limit}"
+            own = " of its own text (self-calibrated)" if self.calibration_source == "self" else ""
+            text += f"; calibrated on {self.calibration_batches} batch(es){own}{limit}"
         aware = sum(r.merge_aware for r in self.layers.values())
         if aware:
             text += f"; {aware} merge-aware layer(s) stored exactly as trained"
@@ -95,6 +103,8 @@ class MergeReport(LayerFigures):
             text += f"; {len(self.reverted)} layer(s) kept their old weights (the merge was worse than no adapter)"
         if self.skipped:
             text += f"; {len(self.skipped)} left unmerged"
+        if self.advice:
+            text += f"\n{self.advice}"
         return text
 
 
@@ -158,7 +168,7 @@ def merge(
     keep_snapshot: bool = True,
     *,
     requantize: RequantizeMode | None = None,
-    calibration: Iterable[Any] | None = None,
+    calibration: Iterable[Any] | Literal["self"] | None = None,
     tune_scales: int = 0,
     warn_below: float | None = DEFAULT_WARN_BELOW,
     calibration_memory: int = DEFAULT_CALIBRATION_MEMORY,
@@ -180,6 +190,8 @@ def merge(
             dicts). Every fourth batch (the last one when fewer than 4) is held out to measure. Read
             once, at most ``max_calibration_batches`` of it (an endless data loader is fine); the report
             says how many were used. A batch with NaN, infinite or overflowing inputs is refused, named.
+            ``"self"``: text the adapted model writes itself (:func:`~qadapt.self_calibration`, seeded;
+            16 batches of 4 x 128 tokens), for when you have no data.
         tune_scales: with calibration, refit each requantized layer's group scales towards the
             adapted layer with this many conjugate-gradient steps (backends with group scales).
         warn_below: warn when a layer keeps less than this share of its adapter's effect (None: never).
@@ -240,6 +252,9 @@ def _merge(
             raise CapabilityError(f"backend of {cannot[0]} cannot snapshot its storage; merge with keep_snapshot=False")
     if skipped:
         warn(f"{len(skipped)} layer(s) left unmerged: {next(iter(skipped.values()))}")
+    source = _calibration_source(calibration)
+    if source == "self":
+        calibration = self_calibration(model)
     mode: RequantizeMode = requantize or ("keep" if calibration is None else "calibrated")
     with transaction(model, into) as tx:
         batches = None
@@ -275,9 +290,41 @@ def _merge(
         model_kept,
         None if batches is None else batches.count,
         batches is not None and batches.limited,
+        source,
+        _no_data_advice(results, warn_below) if calibration is None else None,
     )
     _warn_low(report, warn_below)
     return report
+
+
+def _calibration_source(calibration: Any) -> str | None:
+    """``"self"``, ``"batches"`` or None (no calibration); a string other than ``"self"`` is refused."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, str):
+        if calibration != "self":
+            raise ArgumentTypeError(
+                f"calibration must be batches of model inputs or 'self', got a single str {shorten(calibration)}; "
+                "for a text file use qadapt.calibration_batches(path, tokenizer)"
+            )
+        return "self"
+    return "batches"
+
+
+def _no_data_advice(results: dict[str, MergeResult], warn_below: float | None) -> str | None:
+    """What a merge without calibration kept (weight space, median over layers) and how to keep more,
+    when that is below ``warn_below``; None otherwise."""
+    kept = sorted(r.kept for r in results.values() if r.kept is not None)
+    if warn_below is None or not kept or kept[len(kept) // 2] >= warn_below:
+        return None
+    return (
+        f"merged without calibration data: the layers kept {kept[len(kept) // 2]:.1%} of their adapter's effect "
+        f"(weight space, median; lowest {kept[0]:.1%}): a fine-tune moves weights by less than a quantization step, "
+        "so rounding without data returns mostly the old codes. To keep more: merge(model, calibration=batches) with "
+        "a few of your own inputs; merge(model, calibration='self') when you have none (text the adapted model "
+        "writes itself); `qadapt export --to ... --calibration FILE` for a model on disk; or a float target "
+        "(unwrap(model, merge='float'))"
+    )
 
 
 def _warn_low(report: MergeReport, warn_below: float | None) -> None:
@@ -293,6 +340,12 @@ def _warn_low(report: MergeReport, warn_below: float | None) -> None:
         name, kept = min(low.items(), key=lambda item: item[1])
         calibrated = any(r.metric == "output" for r in report.layers.values())
         more = "more calibration batches" if calibrated else "a calibrated merge (merge(model, calibration=batches))"
+        if report.advice is not None:
+            warn(
+                f"{len(low)} of {len(report.layers)} merged layer(s) keep less than {warn_below:.0%} of their "
+                f"adapter's effect (lowest: {name}, {kept:.1%}); see the MergeReport. {report.advice}"
+            )
+            return
         warn(
             f"{len(low)} of {len(report.layers)} merged layer(s) keep less than {warn_below:.0%} of their adapter's "
             f"effect (lowest: {name}, {kept:.1%}); see the MergeReport. {more[0].upper() + more[1:]}, a method that "
