@@ -13,8 +13,8 @@ scales by least squares in ``H``, chooses codes by error feedback (GPTQ: columns
 error spread over the columns still to come through the inverse Cholesky factor of the damped ``H``),
 and keeps each step only in the rows where it lowers the objective.
 
-Shapes: ``weight [out, in]``, ``hessian [in, in]``, ``scales [num_groups]``, codes ``[out, in]`` int64
-indices into ``levels``. Everything runs in float32 on the weight's device.
+Shapes: ``weight [out, in]``, ``hessian [in, in]``, ``scales [num_groups]``, codes ``[out, in]`` integer
+indices into ``levels`` (int32 from the lookups; int64 accepted wherever codes are read). Everything runs in float32 on the weight's device.
 """
 
 from __future__ import annotations
@@ -66,11 +66,12 @@ class Codebook:
         #: ``bound`` in cell units (for :meth:`nearest_cells`); ``identity``: sorted order is index order.
         self.bound_cells = (self.bound - self.low) / self.width
         self.identity = bool(torch.equal(order, torch.arange(order.numel())))
+        self.base32, self.order32 = self.base.to(torch.int32), order.to(torch.int32)
         self.zero = int(self.nearest(torch.zeros(1)).item())
 
     def to(self, device: torch.device) -> Codebook:
         """Move the tables (in place) to ``device``; returns self."""
-        for name in ("levels", "order", "base", "bound", "bound_cells"):
+        for name in ("levels", "order", "base", "bound", "bound_cells", "base32", "order32"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -83,17 +84,29 @@ class Codebook:
         rank = self.base[cell] + (x > self.bound[cell])
         return rank if self.identity else self.order[rank]
 
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """``levels[codes]`` float32 of ``codes``' shape (int32 or int64 codes)."""
+        return self.levels.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+
     def nearest_cells(self, u: torch.Tensor) -> torch.Tensor:
         """:meth:`nearest` for ``u = (x - low) / width`` (cell units), clamped in place: fewer passes.
 
-        The error-feedback loop folds the scale and this affine map into one multiply-add.
+        Returns int32 indices of ``u``'s shape. The error-feedback loop folds the scale and this
+        affine map into one multiply-add. Table reads are ``index_select`` with int32 indices (on
+        CPU several times faster than ``take`` or advanced indexing, which want int64).
         """
+        shape = u.shape
+        flat = u.reshape(-1)
         if self.integer:
-            return self.order[torch.round(u.clamp_(0, self.high - self.low)).to(torch.int64)]
-        u.clamp_(0, self.cells - 1e-3)
-        cell = u.to(torch.int64)
-        rank = self.base.take(cell).add_(u > self.bound_cells.take(cell))
-        return rank if self.identity else self.order.take(rank)
+            rank = torch.round(flat.clamp_(0, self.high - self.low)).to(torch.int32)
+        else:
+            flat.clamp_(0, self.cells - 1e-3)
+            cell = flat.to(torch.int32)
+            rank = self.base32.index_select(0, cell)
+            rank.add_(torch.gt(flat, self.bound_cells.index_select(0, cell)))
+        if not self.identity:
+            rank = self.order32.index_select(0, rank)
+        return rank.reshape(shape)
 
 
 def element_scales(layout: GroupLayout, scales: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -119,6 +132,43 @@ def nearest_codes(weight: torch.Tensor, scales: torch.Tensor, codebook: Codebook
         return codebook.nearest_cells(torch.mul(weight, inverse).sub_(codebook.low))
     inverse.mul_(1.0 / codebook.width)
     return codebook.nearest_cells(torch.mul(weight, inverse).sub_(codebook.low / codebook.width))
+
+
+#: Elements per chunk of :func:`group_codes` (temporaries stay in cache, and below the allocator's
+#: mmap threshold, where every fresh multi-MiB tensor costs page faults).
+_CHUNK = 1 << 22
+
+
+def group_codes(
+    weight: torch.Tensor, scales: torch.Tensor, group_size: int, codebook: Codebook, dtype: torch.dtype = torch.int32
+) -> torch.Tensor:
+    """Codes ``[n]`` (``dtype``) of the level nearest to each element of the row-major flattened
+    ``weight`` (``n`` elements) divided by its group's scale, ``scales [ceil(n / group_size)]``.
+
+    :func:`nearest_codes` without the per-element scale tensor: each chunk of whole groups is
+    scaled by one multiply per group and looked up in place. Where a scale is 0 every level gives
+    0 and the code of the level nearest 0 is chosen (as in :func:`nearest_codes`).
+    """
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    scales = scales.detach().float().reshape(-1).to(flat.device)
+    if scales.numel() != -(-n // group_size):
+        raise ConfigError(f"{scales.numel()} group scales do not cover {n} weights in groups of {group_size}")
+    width = 1.0 if codebook.integer else codebook.width
+    inverse = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0).mul_(1.0 / width)
+    shift = codebook.low / width
+    out = torch.empty(n, dtype=dtype, device=flat.device)
+    step = max(1, _CHUNK // group_size) * group_size
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        first, last = start // group_size, -(-stop // group_size)
+        chunk = flat[start:stop]
+        if (stop - start) % group_size == 0:
+            u = chunk.view(-1, group_size) * inverse[first:last].unsqueeze(1)
+        else:  # the last, partial group
+            u = chunk * inverse[first:last].repeat_interleave(group_size)[: stop - start]
+        out[start:stop] = codebook.nearest_cells(u.sub_(shift)).reshape(-1)
+    return out
 
 
 def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -189,7 +239,7 @@ def gptq_codes(
             idx = codebook.nearest_cells(torch.mul(w, inv_t[col]).add_(shift))
             codes[col].copy_(idx)
             err = errors[col]
-            torch.addcmul(w, levels.take(idx), scale_t[col], value=-1.0, out=err)
+            torch.addcmul(w, levels.index_select(0, idx), scale_t[col], value=-1.0, out=err)
             err.mul_(inv_diag[col])
             if j + 1 < hi - lo:
                 block[j + 1 :].addr_(factor[j, j + 1 :], err, alpha=-1.0)

@@ -125,8 +125,8 @@ def _target(weight: torch.Tensor, like: QuantizedWeight) -> torch.Tensor:
 def keep_state(weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
     """``weight`` with ``like``'s scale state kept bit for bit; each code is the nearest level."""
     target = _target(weight, like)
-    scales = rounding.element_scales(layout(like), effective_absmax(like), tuple(target.shape))
-    codes = rounding.nearest_codes(target, scales, codebook(like.meta["quant_type"], target.device))
+    book = codebook(like.meta["quant_type"], target.device)
+    codes = rounding.group_codes(target, effective_absmax(like), like.meta["blocksize"], book, dtype=torch.uint8)
     return with_codes(like, codes, None)
 
 
