@@ -14,7 +14,8 @@ error spread over the columns still to come through the inverse Cholesky factor 
 and keeps each step only in the rows where it lowers the objective.
 
 Shapes: ``weight [out, in]``, ``hessian [in, in]``, ``scales [num_groups]``, codes ``[out, in]`` integer
-indices into ``levels`` (int32 from the lookups; int64 accepted wherever codes are read). Everything runs in float32 on the weight's device.
+indices into ``levels`` (int32 from the lookups; int64 accepted wherever codes are read).
+Everything runs in float32 on the weight's device.
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ class Codebook:
         self.bound_cells = (self.bound - self.low) / self.width
         self.identity = bool(torch.equal(order, torch.arange(order.numel())))
         self.base32, self.order32 = self.base.to(torch.int32), order.to(torch.int32)
+        #: ``base + 1 - (bound - cell)`` per cell (``base`` where the cell holds no bound): see :meth:`nearest_cells`.
+        within = (self.bound_cells - torch.arange(cells, dtype=torch.float32)).clamp(max=1.0)
+        self.step = self.base.float() + 1.0 - within
         self.zero = int(self.nearest(torch.zeros(1)).item())
 
     def to(self, device: torch.device) -> Codebook:
         """Move the tables (in place) to ``device``; returns self."""
-        for name in ("levels", "order", "base", "bound", "bound_cells", "base32", "order32"):
+        for name in ("levels", "order", "base", "bound", "bound_cells", "base32", "order32", "step"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -100,10 +104,10 @@ class Codebook:
         if self.integer:
             rank = torch.round(flat.clamp_(0, self.high - self.low)).to(torch.int32)
         else:
+            # One table read: with f = u - cell in [0, 1) and the cell's bound b (1 when it has none),
+            # rank = base + (f >= b) = floor(f + step[cell]) where step = base + 1 - b.
             flat.clamp_(0, self.cells - 1e-3)
-            cell = flat.to(torch.int32)
-            rank = self.base32.index_select(0, cell)
-            rank.add_(torch.gt(flat, self.bound_cells.index_select(0, cell)))
+            rank = self.step.index_select(0, flat.to(torch.int32)).add_(flat.frac_()).to(torch.int32)
         if not self.identity:
             rank = self.order32.index_select(0, rank)
         return rank.reshape(shape)
