@@ -113,6 +113,23 @@ class Codebook:
         return rank.reshape(shape)
 
 
+def exact_levels(values: torch.Tensor, count: int) -> torch.Tensor | None:
+    """A sorted codebook ``[count]`` float32 holding every one of ``values [n]`` exactly, when at most
+    ``count`` are distinct (unused levels repeat the last one); None otherwise."""
+    distinct = torch.unique(values.detach().float().reshape(-1))
+    if distinct.numel() > count:
+        return None
+    return torch.cat([distinct, distinct[-1:].expand(count - distinct.numel())]).contiguous()
+
+
+def nearest_sorted(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Indices ``[n]`` int64 of the nearest of the sorted ``levels [L]`` to each of ``values [n]``."""
+    upper = torch.bucketize(values, levels).clamp_(1, levels.numel() - 1)
+    lower = upper - 1
+    below = (values - levels[lower]).abs() <= (levels[upper] - values).abs()
+    return torch.where(below, lower, upper)
+
+
 def element_scales(layout: GroupLayout, scales: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Per-element scale ``[out, in]`` float32 from per-group ``scales [num_groups]``."""
     return layout.expand(scales.float(), shape).contiguous()

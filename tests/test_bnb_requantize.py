@@ -307,17 +307,25 @@ def test_group_scales_rescale_groups_and_load_in_bitsandbytes(name, options):
         assert_bitsandbytes_loads_bnb8(backend, new, shape)
 
 
-def test_bnb4_nested_group_scales_are_built_as_bitsandbytes_builds_them():
-    """with_group_scales on raw scales gives the nested state bitsandbytes' quantize_4bit gives."""
+def test_bnb4_nested_scales_are_built_as_bitsandbytes_builds_them():
+    """The nested state a calibrated requantize writes from raw scales is the one bitsandbytes'
+    quantize_4bit gives; with_group_scales holds the scales exactly instead (<= 256 blocks)."""
     weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
     _, state = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     _, raw = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
     backend = registry.backend_class("bnb4")()
     storage = backend.get_storage(backend.quantize(float_linear(256, 32)))
-    rebuilt = bnb4_codes.with_group_scales(storage, raw.absmax)
-    assert torch.equal(rebuilt.tensors["absmax"], state.absmax)
-    assert torch.equal(rebuilt.tensors["offset"], state.offset)
-    assert torch.equal(rebuilt.tensors["nested_absmax"], state.state2.absmax)
+    rebuilt = bnb4_codes.nested_tensors(raw.absmax, storage)
+    assert torch.equal(rebuilt["absmax"], state.absmax)
+    assert torch.equal(rebuilt["offset"], state.offset)
+    assert torch.equal(rebuilt["nested_absmax"], state.state2.absmax)
+    assert torch.equal(rebuilt["nested_code"], state.state2.code)
+    exact = bnb4_codes.with_group_scales(storage, raw.absmax)
+    held = bnb4_codes.effective_absmax(exact)
+    bnb_held = bnb4_codes.effective_absmax(QuantizedWeight({**storage.tensors, **rebuilt}, storage.meta))
+    assert float((held - raw.absmax).abs().max()) <= 1e-6 * float(raw.absmax.abs().max())
+    assert float((bnb_held - raw.absmax).abs().max()) > 1e-5 * float(raw.absmax.abs().max())
+    assert_bitsandbytes_loads_bnb4(backend, exact)  # plain bitsandbytes reads the fitted table
 
 
 def test_group_scales_reject_a_wrong_shape():
