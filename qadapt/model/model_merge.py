@@ -251,7 +251,6 @@ def _merge(
                     f"{batches.limit}); the rest were not read"
                 )
             fit, heldout = batches.fit, batches.heldout
-            adapted = model_outputs(model, heldout)
             tx.keep_layers(layer for _, layer, _ in plan)
             for _, layer, _ in plan:
                 layer.enable_adapters(False)
@@ -261,7 +260,8 @@ def _merge(
                 for _, layer, _ in plan:
                     layer.enable_adapters(True)
             groups = _stat_groups(plan, calibration_memory)
-            results = _merge_runs(model, groups, mode, safe, keep_snapshot, (fit, heldout), tune_scales, tx)
+            adapted: list[torch.Tensor] = []  # the first run's held-out pass: the adapted model's outputs
+            results = _merge_runs(model, groups, mode, safe, keep_snapshot, (fit, heldout, adapted), tune_scales, tx)
             merged = model_outputs(model, heldout)
             model_kept = kept_share(squared_distance(adapted, base), squared_distance(merged, adapted))
     names = {adapter for _, _, adapter in plan}
@@ -298,12 +298,13 @@ def _merge_runs(
     mode: RequantizeMode,
     safe: bool,
     keep_snapshot: bool,
-    calibration: tuple[list, list] | None,
+    calibration: tuple[list, list, list] | None,
     tune_scales: int,
     into: Transaction | None = None,
 ) -> dict[str, MergeResult]:
     """Merge the planned layers run by run (statistics gathered per run); all or nothing (``into``:
-    the caller's transaction, which the caller undoes)."""
+    the caller's transaction, which the caller undoes). ``calibration``: ``(fit, heldout, outputs)``,
+    where the first run appends the (still unmerged) model's logits on the held-out batches to ``outputs``."""
     results: dict[str, MergeResult] = {}
     few: list[str] = []
     silent: list[str] = []
@@ -312,7 +313,9 @@ def _merge_runs(
         for run in runs:
             stats: dict[str, LayerStats] = {}
             if calibration is not None:
-                stats = collect_stats(model, [(name, layer) for name, layer, _ in run], *calibration)
+                fit, heldout, outputs = calibration
+                layers = [(n, layer) for n, layer, _ in run]
+                stats = collect_stats(model, layers, fit, heldout, outputs if run is runs[0] else None)
             for name, layer, adapter in progress(run, "qadapt merge"):
                 layer_stats = stats.pop(name, None)
                 layer_mode, fit = mode, None
