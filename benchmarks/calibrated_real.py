@@ -15,7 +15,7 @@ Printed: held-out perplexity of nf4, unmerged and merged, the share of the fine-
 merge keeps, wall time, the profile, and the load average.
 
     python benchmarks/calibrated_real.py             # 30 steps, all 30 blocks (210 layers), 16 x 4 x 128 tokens
-    python benchmarks/calibrated_real.py --quick     # 4 steps, 2 blocks, 8 x 4 x 128 tokens: well under a minute
+    python benchmarks/calibrated_real.py --quick     # smoke run: the first 2 blocks kept, 1 merged, 2 steps
     python benchmarks/calibrated_real.py --sequential  # each layer's inputs from the merged layers before it
 """
 
@@ -127,6 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(1)
     calibration = [rows[p] for p in torch.randint(0, rows.shape[0], (args.batches, 4), generator=generator)]
     model = load_nf4(work / "base")
+    if args.keep_blocks is not None:  # --quick: a smoke run on the first decoder blocks only
+        model.model.layers = model.model.layers[: args.keep_blocks]
+        model.config.num_hidden_layers = args.keep_blocks
     qadapt.wrap(model, method="lora", targets=targets(args.blocks), method_options={"r": 16, "alpha": 32})
     with qadapt.disable_adapters(model):
         base_ppl = perplexity(model, heldout)
@@ -161,12 +164,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 steps, 2 decoder blocks, 8 calibration batches")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 decoder blocks, 1 merged, 2 steps")
     parser.add_argument("--sequential", action="store_true", help="merge(sequential=True)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     args.load = os.getloadavg()[0]
-    args.steps, args.blocks, args.batches, args.heldout = (4, 2, 8, 8) if args.quick else (30, None, 16, 24)
+    quick, full = (2, 1, 8, 4, 2), (30, None, 16, 24, None)
+    args.steps, args.blocks, args.batches, args.heldout, args.keep_blocks = quick if args.quick else full
     result = run(args)
     print(json.dumps(result, indent=2))
     profile = result["profile_s"]

@@ -192,6 +192,11 @@ def group_codes(
     return out
 
 
+def _row_sq(error: torch.Tensor) -> torch.Tensor:
+    """``||e_i||^2`` per row, float64 ``[out]`` (float32 products, each row's sum widened)."""
+    return torch.linalg.vecdot(error, error, dim=-1).double()
+
+
 def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``e_i H e_i^T`` per row, float64 ``[out]``, for ``error [out, in]`` and ``hessian [in, in]``."""
     parts = [((rows @ hessian) * rows).sum(1, dtype=torch.float64) for rows in error.float().split(chunk)]
@@ -276,7 +281,7 @@ def gptq_codes(
                 work[b:hi].addmm_(upper[a:b, b:hi].t(), errors[a:b], alpha=-1.0)
 
     blocks(0, n, _BLOCKS)
-    objective = errors.double().square().sum(0)
+    objective = torch.linalg.vecdot(errors, errors, dim=0).double()
     return codes.t().contiguous(), objective
 
 
@@ -394,7 +399,7 @@ def calibrated_round(
         new, change = refit_row_aligned(weight, levels[codes], current, layout.group_size, hd)
         new_error = weight - levels[codes] * element_scales(layout, new.reshape(-1), shape)
         # The refit's change is in the damped metric; the undamped one drops lam * (change of ||e||^2).
-        row_change = change - lam * (new_error.double().square().sum(1) - error.double().square().sum(1))
+        row_change = change - lam * (_row_sq(new_error) - _row_sq(error))
         accept = row_change < 0
         best_rows = torch.where(accept, best_rows + row_change, best_rows)
         best_scales.reshape(out, groups)[accept] = new[accept]
@@ -402,7 +407,7 @@ def calibrated_round(
     final_scales = element_scales(layout, projected, shape)
     upper = inverse_cholesky(hd)
     gptq, gptq_rows = gptq_codes(weight, final_scales, codebook, upper)
-    gptq_rows = gptq_rows - lam * (weight - levels[gptq] * final_scales).double().square().sum(1)
+    gptq_rows = gptq_rows - lam * _row_sq(weight - levels[gptq] * final_scales)
     if project is None or not aligned:
         accept = gptq_rows < best_rows
         best_codes = torch.where(accept.unsqueeze(1), gptq, codes)
