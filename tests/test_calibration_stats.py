@@ -3,8 +3,10 @@ layer, the held-out pass's logits reused, and all of it equal to the plain per-l
 
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny_models import tiny_llama, token_ids
+from conftest import model_checksum
+from tiny_models import perturb_adapters, tiny_llama, token_ids
 from torch import nn
 
 import qadapt
@@ -79,3 +81,41 @@ def test_a_layer_called_twice_per_batch_gets_both_inputs():
     ref = reference_stats(model, layers, batches.fit)
     assert stats["proj"].fit_rows == 2 * sum(b.shape[0] for _, b in batches.fit)
     assert torch.allclose(stats["proj"].fit.double(), ref["proj"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sequential_merge_takes_later_inputs_from_the_merged_layers():
+    ids = [token_ids(seed=s, batch=4, length=32) for s in range(8)]
+
+    def merged(**options):
+        model = qadapt.wrap(tiny_llama(num_layers=2), method="lora", backend="bnb4").eval()
+        perturb_adapters(model, scale=0.05)
+        seen: dict[str, torch.Tensor] = {}
+        down = model.get_submodule("model.layers.1.mlp.down_proj")
+        real = down.merge
+
+        def spy(*args, **kwargs):  # the statistics the last layer is merged against
+            seen["fit"] = kwargs["stats"].hessian.clone()
+            return real(*args, **kwargs)
+
+        down.merge = spy
+        report = qadapt.merge(model, calibration=ids, warn_below=None, **options)
+        return report, seen["fit"]
+
+    plain, plain_fit = merged()
+    ordered, ordered_fit = merged(sequential=True)
+    assert ordered.layers.keys() == plain.layers.keys() and ordered.model_kept is not None
+    assert not torch.equal(plain_fit, ordered_fit)  # its inputs came through the merged layers
+    assert all(r.kept is None or r.kept >= 0 for r in ordered.layers.values())
+    _, two_fit = merged(sequential=2)
+    assert not torch.equal(two_fit, plain_fit)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "yes"])
+def test_sequential_refuses_what_is_not_a_number_of_runs(value):
+    model = qadapt.wrap(tiny_llama(num_layers=1), method="lora", backend="bnb4")
+    before = model_checksum(model)
+    with pytest.raises(qadapt.ConfigError, match="sequential must be"):
+        qadapt.merge(model, calibration=[token_ids(seed=s) for s in range(4)], sequential=value)
+    with pytest.raises(qadapt.ConfigError, match="sequential needs calibration"):
+        qadapt.merge(model, sequential=True)
+    assert model_checksum(model) == before

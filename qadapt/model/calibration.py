@@ -168,19 +168,21 @@ class _Gatherer:
 
     Layers fed the same input tensor (q/k/v, gate/up) take ``X^T X`` from one product: the hook
     keeps the last input and its product (a reference, so its memory cannot be reused meanwhile).
-    Once the first batch showed every layer called exactly once, a fit batch stops as soon as every
-    layer has seen its input (the model's head and the layers after the last one are not run).
+    Once the first batch showed every layer called exactly once, a batch whose logits are not wanted
+    stops as soon as every layer has seen its input (the model's head and the layers after the last
+    one are not run).
     """
 
     def __init__(self, stats: dict[str, LayerStats]) -> None:
         self.stats = stats
-        self.heldout = False
+        self.heldout = self.cut = False
         self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.calls: dict[str, int] = {}
         self.once = False  # every layer called exactly once per batch (known after the first batch)
 
-    def start_batch(self, held: bool) -> None:
-        self.heldout, self.last, self.calls = held, None, {}
+    def start_batch(self, held: bool, cut: bool) -> None:
+        """A new batch (``held``: a held-out one; ``cut``: its forward may stop after the last layer)."""
+        self.heldout, self.cut, self.last, self.calls = held, cut, None, {}
 
     def end_batch(self) -> None:
         self.once = self.once or (
@@ -208,7 +210,7 @@ class _Gatherer:
                 s.fit.add_(product)
                 s.fit_rows += rows
             self.calls[name] = self.calls.get(name, 0) + 1
-            if self.once and not self.heldout and len(self.calls) == len(self.stats):
+            if self.once and self.cut and len(self.calls) == len(self.stats):
                 raise _StopForward
 
         return hook
@@ -246,7 +248,7 @@ def collect_stats(
         with eval_mode(model):
             for held, batches in ((False, fit), (True, heldout)):
                 for index, batch in batches:
-                    gatherer.start_batch(held)
+                    gatherer.start_batch(held, cut=not held or outputs is None)
                     try:
                         out = run_model(model, batch)
                     except _StopForward:
