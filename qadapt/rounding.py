@@ -285,6 +285,22 @@ def gptq_codes(
     return codes.t().contiguous(), objective
 
 
+def ordered_gptq_codes(
+    weight: torch.Tensor, scales: torch.Tensor, codebook: Codebook, hessian: torch.Tensor, act_order: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_codes` against the damped ``hessian [in, in]`` (one Cholesky), columns in order of
+    decreasing ``diag(H)`` with ``act_order`` (inputs with the most energy first, so their rounding
+    errors are spread over the most columns) or in index order. Codes come back in index order."""
+    if not act_order:
+        return gptq_codes(weight, scales, codebook, inverse_cholesky(hessian))
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    upper = inverse_cholesky(hessian[perm][:, perm])
+    permuted, rows = gptq_codes(weight[:, perm], scales[:, perm], codebook, upper)
+    codes = torch.empty_like(permuted)
+    codes[:, perm] = permuted
+    return codes, rows
+
+
 def refit_row_aligned(
     weight: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, group_size: int, hessian: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +365,7 @@ def calibrated_round(
     damp: float = 0.01,
     refit: bool = True,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    act_order: bool = True,
 ) -> CalibratedResult:
     """Codes and group scales for ``weight [out, in]`` that lower ``tr(E H E^T)`` below the kept state's.
 
@@ -356,6 +373,8 @@ def calibrated_round(
     (only when groups lie within rows, ``in % group_size == 0``; otherwise codes alone are chosen
     against the kept scales). ``project``: maps raw scales to the scales the format will really hold
     (a nested, quantized scale state); the final codes are then chosen against the projected ones.
+    ``act_order``: error feedback in order of decreasing ``diag(H)`` (GPTQ's act-order; the scales are
+    fixed before the codes are chosen, so any column order fits every format).
 
     Steps: nearest codes on the kept scales (the baseline), or on the target's absmax scales where that
     is better (a fresh start: rows whose range grew); per-row least-squares scale refit; codes
@@ -405,8 +424,7 @@ def calibrated_round(
         best_scales.reshape(out, groups)[accept] = new[accept]
     projected = best_scales if project is None or not aligned else project(best_scales)
     final_scales = element_scales(layout, projected, shape)
-    upper = inverse_cholesky(hd)
-    gptq, gptq_rows = gptq_codes(weight, final_scales, codebook, upper)
+    gptq, gptq_rows = ordered_gptq_codes(weight, final_scales, codebook, hd, act_order)
     gptq_rows = gptq_rows - lam * _row_sq(weight - levels[gptq] * final_scales)
     if project is None or not aligned:
         accept = gptq_rows < best_rows

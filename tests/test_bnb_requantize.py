@@ -266,6 +266,23 @@ def test_error_feedback_tracks_its_own_objective_exactly():
     assert float(direct.sum()) < float(rounding.row_objective(weight - book.levels[nearest] * scales, hd).sum())
 
 
+def test_act_order_error_feedback_returns_codes_in_index_order_with_their_objective():
+    """Columns in order of decreasing diag(H): the objective it reports is that of the codes it
+    returns (in index order), and on inputs with outlier channels it is lower than in index order."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 64, generator=g)
+    x = correlated_inputs(512, 64, 0)
+    x[:, 40:44] *= 20  # outlier channels late in index order
+    hd, _ = rounding.damped(x.T @ x, 0.01)
+    book = rounding.Codebook(bnbF.get_4bit_type("nf4", device="cpu"))
+    scales = weight.abs().amax(1, keepdim=True).expand_as(weight).contiguous()
+    codes, rows = rounding.ordered_gptq_codes(weight, scales, book, hd, act_order=True)
+    direct = rounding.row_objective(weight - book.levels[codes] * scales, hd)
+    assert torch.allclose(rows, direct, rtol=1e-3)
+    _, natural = rounding.ordered_gptq_codes(weight, scales, book, hd, act_order=False)
+    assert float(rows.sum()) < float(natural.sum())
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_codebook_lookup_equals_brute_force_nearest(quant_type):
     levels = bnbF.get_4bit_type(quant_type, device="cpu")
