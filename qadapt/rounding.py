@@ -199,7 +199,7 @@ def _row_sq(error: torch.Tensor) -> torch.Tensor:
 
 def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``e_i H e_i^T`` per row, float64 ``[out]``, for ``error [out, in]`` and ``hessian [in, in]``."""
-    parts = [((rows @ hessian) * rows).sum(1, dtype=torch.float64) for rows in error.float().split(chunk)]
+    parts = [torch.linalg.vecdot(rows @ hessian, rows, dim=-1).double() for rows in error.float().split(chunk)]
     return torch.cat(parts)
 
 

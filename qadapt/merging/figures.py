@@ -48,7 +48,9 @@ def output_sq_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
     if hessian is None:
         return sum(float(rows.double().square().sum()) for rows in error.split(ROWS))
     h = hessian.float()
-    total = sum(float(((rows @ h) * rows).sum(dtype=torch.float64)) for rows in error.float().split(ROWS))
+    total = sum(
+        float(torch.linalg.vecdot(rows @ h, rows, dim=-1).sum(dtype=torch.float64)) for rows in error.float().split(ROWS)
+    )
     if math.isfinite(total):
         return total
     h = hessian.double()
