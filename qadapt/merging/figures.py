@@ -42,15 +42,14 @@ def output_sq_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
     """``tr(E H E^T)`` for ``E [out, in]`` (``||E||_F^2`` when ``hessian`` is None).
 
     With ``H``, the products run in float32 (a float64 ``[out, in] @ [in, in]`` took 3x as long and
-    was most of a calibrated merge's time at 4096) and each row's sum accumulates in float64; where
+    was most of a calibrated merge's time at 4096), each row's dot product too, and the rows add up in float64; where
     float32 overflows (weights near 1e19 and up), it is computed again in float64.
     """
     if hessian is None:
         return sum(float(rows.double().square().sum()) for rows in error.split(ROWS))
     h = hessian.float()
-    total = sum(
-        float(torch.linalg.vecdot(rows @ h, rows, dim=-1).sum(dtype=torch.float64)) for rows in error.float().split(ROWS)
-    )
+    blocks = error.float().split(ROWS)
+    total = sum(float(torch.linalg.vecdot(rows @ h, rows, dim=-1).sum(dtype=torch.float64)) for rows in blocks)
     if math.isfinite(total):
         return total
     h = hessian.double()
