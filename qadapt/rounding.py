@@ -194,12 +194,12 @@ def group_codes(
 
 def _row_sq(error: torch.Tensor) -> torch.Tensor:
     """``||e_i||^2`` per row, float64 ``[out]`` (float32 products, each row's sum widened)."""
-    return torch.linalg.vecdot(error, error, dim=-1).double()
+    return error.square().sum(-1).double()
 
 
 def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``e_i H e_i^T`` per row, float64 ``[out]``, for ``error [out, in]`` and ``hessian [in, in]``."""
-    parts = [torch.linalg.vecdot(rows @ hessian, rows, dim=-1).double() for rows in error.float().split(chunk)]
+    parts = [(rows @ hessian).mul_(rows).sum(-1).double() for rows in error.float().split(chunk)]
     return torch.cat(parts)
 
 
@@ -281,7 +281,7 @@ def gptq_codes(
                 work[b:hi].addmm_(upper[a:b, b:hi].t(), errors[a:b], alpha=-1.0)
 
     blocks(0, n, _BLOCKS)
-    objective = torch.linalg.vecdot(errors, errors, dim=0).double()
+    objective = errors.square().sum(0).double()
     return codes.t().contiguous(), objective
 
 
@@ -329,7 +329,7 @@ def refit_row_aligned(
     for g in range(groups):
         cols = slice(g * group_size, (g + 1) * group_size)
         t = values[:, cols] @ hessian[cols]  # [out, in]: the group's codes times its rows of H
-        m[:, g] = torch.linalg.vecdot(t.reshape(out, groups, group_size), v3)
+        m[:, g] = t.reshape(out, groups, group_size).mul_(v3).sum(-1)
     diag = torch.diagonal(m, dim1=1, dim2=2)
     dead = diag <= 0
     ridge = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp(min=1e-30)

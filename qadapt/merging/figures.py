@@ -17,7 +17,7 @@ from qadapt.errors import ConfigError, UnsafeMergeError
 #: Rows per block when reducing over weight matrices (bounds temporaries to a few rows).
 ROWS = 256
 #: Elements per block of :func:`merge_sums` (temporaries stay in cache and below the allocator's mmap threshold).
-_BLOCK_ELEMENTS = 1 << 18
+_BLOCK_ELEMENTS = 1 << 16
 
 Precision = Literal["float64", "float32"]
 
@@ -42,14 +42,13 @@ def output_sq_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
     """``tr(E H E^T)`` for ``E [out, in]`` (``||E||_F^2`` when ``hessian`` is None).
 
     With ``H``, the products run in float32 (a float64 ``[out, in] @ [in, in]`` took 3x as long and
-    was most of a calibrated merge's time at 4096), each row's dot product too, and the rows add up in float64; where
-    float32 overflows (weights near 1e19 and up), it is computed again in float64.
+    was most of a calibrated merge's time at 4096), so does each block's dot product, and blocks add
+    up in float64; where float32 overflows (weights near 1e19 and up), it is computed again in float64.
     """
     if hessian is None:
         return sum(float(rows.double().square().sum()) for rows in error.split(ROWS))
     h = hessian.float()
-    blocks = error.float().split(ROWS)
-    total = sum(float(torch.linalg.vecdot(rows @ h, rows, dim=-1).sum(dtype=torch.float64)) for rows in blocks)
+    total = sum(float(torch.dot((rows @ h).reshape(-1), rows.reshape(-1))) for rows in error.float().split(ROWS))
     if math.isfinite(total):
         return total
     h = hessian.double()
@@ -148,13 +147,13 @@ class MergeSums:
 
 
 def _block_sums(before: torch.Tensor, target: torch.Tensor, stored: list[torch.Tensor], dtype: torch.dtype) -> list:
-    """One block's ``[||W'||^2, ||W - W'||^2, (||S - W'||^2, <S - W', W' - W>) per candidate]``: products in
-    ``dtype``, each row's sum added in float64."""
+    """One block's ``[||W'||^2, ||W - W'||^2, (||S - W'||^2, <S - W', W' - W>) per candidate]``: BLAS dot
+    products in ``dtype`` over the block (a few thousand elements)."""
 
     def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.linalg.vecdot(a, b, dim=-1).sum(dtype=torch.float64))
+        return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
-    t = target.to(dtype)
+    t = target.to(dtype).contiguous()
     intended = t - before.to(dtype)
     out = [dot(t, t), dot(intended, intended)]
     for s in stored:
@@ -167,9 +166,10 @@ def merge_sums(before: torch.Tensor, target: torch.Tensor, stored: list[torch.Te
     """The :class:`MergeSums` of ``W = before``, ``W' = target`` and candidate storages ``stored``
     (each dequantized, ``[out, in]``), in one pass over blocks of rows.
 
-    Products run in float32 with each row's sum in float64 (the figures of a merge cost a fraction
-    of its requantize); a block whose float32 sums overflow (weights near 1e19 and up) is summed
-    again in float64.
+    Products and sums run in float32 within a block of about :data:`_BLOCK_ELEMENTS` elements (BLAS
+    dot products: on a loaded 2-core machine elementwise reductions were 10-100x slower), and the
+    blocks add up in float64; a block whose float32 sums overflow (weights near 1e19 and up) is
+    summed again in float64. The figures of a merge then cost a fraction of its requantize.
     """
     rows = max(1, _BLOCK_ELEMENTS // max(1, before.shape[-1])) if before.dim() == 2 else before.shape[0]
     totals = [0.0] * (2 + 2 * len(stored))
