@@ -17,7 +17,7 @@ from qadapt.errors import ConfigError, UnsafeMergeError
 #: Rows per block when reducing over weight matrices (bounds temporaries to a few rows).
 ROWS = 256
 #: Elements per block of :func:`merge_sums` (temporaries stay in cache and below the allocator's mmap threshold).
-_BLOCK_ELEMENTS = 1 << 17
+_BLOCK_ELEMENTS = 1 << 20
 
 Precision = Literal["float64", "float32"]
 
