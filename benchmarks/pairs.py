@@ -23,12 +23,18 @@ TARGET = "proj"
 #: qadapt backend options per benchmark backend name (bnb4 = NF4, blocksize 64, double quantization).
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {"bnb4": {"quant_type": "nf4"}, "bnb8": {}}
 #: qadapt method options per benchmark method name (the issue's cases: OFT block 32, RandLora r 32).
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {"oft": {"block_size": 32}, "randlora": {"r": 32}}
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "oft": {"block_size": 32},
+    "randlora": {"r": 32},
+    "lora": {"r": 16, "alpha": 32},
+}
 
 #: Std of the random OFT skew parameters: a trained-looking rotation whose Cayley-Neumann series converges.
 OFT_PARAM_STD = 0.02
 #: Std of the random RandLora lambda: a weight change of roughly 10-20% of the base weight's norm.
 RANDLORA_LAMBDA_STD = 0.01
+#: Std of the random LoRA factors (B non-zero, as after training): a change of a few % of the weight.
+LORA_STD = 0.01
 
 
 class Holder(nn.Module):
@@ -102,10 +108,8 @@ def build_pair(d: int, backend_name: str, method_name: str, seed: int = 0) -> Pa
     peft_model = _peft_model(Holder(peft_base, backend_name), method_name)
     pair = Pair(d, backend_name, method_name, backend, method, ours, peft_model, original, copy.deepcopy(peft_base))
     generator = torch.Generator().manual_seed(seed + 1)
-    if method_name == "oft":
-        _copy_oft(pair, generator)
-    else:
-        _copy_randlora(pair, generator)
+    copy_adapter = {"oft": _copy_oft, "lora": _copy_lora}.get(method_name, _copy_randlora)
+    copy_adapter(pair, generator)
     ours.train()
     peft_model.train()
     return pair
@@ -117,6 +121,9 @@ def _peft_model(holder: Holder, method_name: str) -> nn.Module:
     if method_name == "oft":
         opts = METHOD_OPTIONS["oft"]
         config = peft.OFTConfig(r=0, oft_block_size=opts["block_size"], target_modules=[TARGET])
+    elif method_name == "lora":
+        opts = METHOD_OPTIONS["lora"]
+        config = peft.LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], target_modules=[TARGET])
     else:
         config = peft.RandLoraConfig(r=METHOD_OPTIONS["randlora"]["r"], target_modules=[TARGET])
     with warnings.catch_warnings():
@@ -129,6 +136,14 @@ def _copy_oft(pair: Pair, generator: torch.Generator) -> None:
     ours = pair.ours.adapters["default"].weight
     ours.copy_(torch.randn(ours.shape, generator=generator) * OFT_PARAM_STD)
     pair.peft_layer.oft_R["default"].weight.copy_(ours)
+
+
+@torch.no_grad()
+def _copy_lora(pair: Pair, generator: torch.Generator) -> None:
+    adapter, layer = pair.ours.adapters["default"], pair.peft_layer
+    for ours, theirs in ((adapter.lora_A, layer.lora_A["default"]), (adapter.lora_B, layer.lora_B["default"])):
+        ours.weight.copy_(torch.randn(ours.weight.shape, generator=generator) * LORA_STD)
+        theirs.weight.copy_(ours.weight)
 
 
 @torch.no_grad()

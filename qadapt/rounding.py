@@ -13,8 +13,9 @@ scales by least squares in ``H``, chooses codes by error feedback (GPTQ: columns
 error spread over the columns still to come through the inverse Cholesky factor of the damped ``H``),
 and keeps each step only in the rows where it lowers the objective.
 
-Shapes: ``weight [out, in]``, ``hessian [in, in]``, ``scales [num_groups]``, codes ``[out, in]`` int64
-indices into ``levels``. Everything runs in float32 on the weight's device.
+Shapes: ``weight [out, in]``, ``hessian [in, in]``, ``scales [num_groups]``, codes ``[out, in]`` integer
+indices into ``levels`` (int32 from the lookups; int64 accepted wherever codes are read).
+Everything runs in float32 on the weight's device.
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ class Codebook:
         #: ``bound`` in cell units (for :meth:`nearest_cells`); ``identity``: sorted order is index order.
         self.bound_cells = (self.bound - self.low) / self.width
         self.identity = bool(torch.equal(order, torch.arange(order.numel())))
+        self.base32, self.order32 = self.base.to(torch.int32), order.to(torch.int32)
+        #: ``base + 1 - (bound - cell)`` per cell (``base`` where the cell holds no bound): see :meth:`nearest_cells`.
+        within = (self.bound_cells - torch.arange(cells, dtype=torch.float32)).clamp(max=1.0)
+        self.step = self.base.float() + 1.0 - within
         self.zero = int(self.nearest(torch.zeros(1)).item())
 
     def to(self, device: torch.device) -> Codebook:
         """Move the tables (in place) to ``device``; returns self."""
-        for name in ("levels", "order", "base", "bound", "bound_cells"):
+        for name in ("levels", "order", "base", "bound", "bound_cells", "base32", "order32", "step"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -83,17 +88,46 @@ class Codebook:
         rank = self.base[cell] + (x > self.bound[cell])
         return rank if self.identity else self.order[rank]
 
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """``levels[codes]`` float32 of ``codes``' shape (int32 or int64 codes)."""
+        return self.levels.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+
     def nearest_cells(self, u: torch.Tensor) -> torch.Tensor:
         """:meth:`nearest` for ``u = (x - low) / width`` (cell units), clamped in place: fewer passes.
 
-        The error-feedback loop folds the scale and this affine map into one multiply-add.
+        Returns int32 indices of ``u``'s shape. The error-feedback loop folds the scale and this
+        affine map into one multiply-add. Table reads are ``index_select`` with int32 indices (on
+        CPU several times faster than ``take`` or advanced indexing, which want int64).
         """
+        shape = u.shape
+        flat = u.reshape(-1)
         if self.integer:
-            return self.order[torch.round(u.clamp_(0, self.high - self.low)).to(torch.int64)]
-        u.clamp_(0, self.cells - 1e-3)
-        cell = u.to(torch.int64)
-        rank = self.base.take(cell).add_(u > self.bound_cells.take(cell))
-        return rank if self.identity else self.order.take(rank)
+            rank = torch.round(flat.clamp_(0, self.high - self.low)).to(torch.int32)
+        else:
+            # One table read: with f = u - cell in [0, 1) and the cell's bound b (1 when it has none),
+            # rank = base + (f >= b) = floor(f + step[cell]) where step = base + 1 - b.
+            flat.clamp_(0, self.cells - 1e-3)
+            rank = self.step.index_select(0, flat.to(torch.int32)).add_(flat.frac_()).to(torch.int32)
+        if not self.identity:
+            rank = self.order32.index_select(0, rank)
+        return rank.reshape(shape)
+
+
+def exact_levels(values: torch.Tensor, count: int) -> torch.Tensor | None:
+    """A sorted codebook ``[count]`` float32 holding every one of ``values [n]`` exactly, when at most
+    ``count`` are distinct (unused levels repeat the last one); None otherwise."""
+    distinct = torch.unique(values.detach().float().reshape(-1))
+    if distinct.numel() > count:
+        return None
+    return torch.cat([distinct, distinct[-1:].expand(count - distinct.numel())]).contiguous()
+
+
+def nearest_sorted(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Indices ``[n]`` int64 of the nearest of the sorted ``levels [L]`` to each of ``values [n]``."""
+    upper = torch.bucketize(values, levels).clamp_(1, levels.numel() - 1)
+    lower = upper - 1
+    below = (values - levels[lower]).abs() <= (levels[upper] - values).abs()
+    return torch.where(below, lower, upper)
 
 
 def element_scales(layout: GroupLayout, scales: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -121,9 +155,51 @@ def nearest_codes(weight: torch.Tensor, scales: torch.Tensor, codebook: Codebook
     return codebook.nearest_cells(torch.mul(weight, inverse).sub_(codebook.low / codebook.width))
 
 
+#: Elements per chunk of :func:`group_codes` (temporaries stay in cache, and below the allocator's
+#: mmap threshold, where every fresh multi-MiB tensor costs page faults).
+_CHUNK = 1 << 22
+
+
+def group_codes(
+    weight: torch.Tensor, scales: torch.Tensor, group_size: int, codebook: Codebook, dtype: torch.dtype = torch.int32
+) -> torch.Tensor:
+    """Codes ``[n]`` (``dtype``) of the level nearest to each element of the row-major flattened
+    ``weight`` (``n`` elements) divided by its group's scale, ``scales [ceil(n / group_size)]``.
+
+    :func:`nearest_codes` without the per-element scale tensor: each chunk of whole groups is
+    scaled by one multiply per group and looked up in place. Where a scale is 0 every level gives
+    0 and the code of the level nearest 0 is chosen (as in :func:`nearest_codes`).
+    """
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    scales = scales.detach().float().reshape(-1).to(flat.device)
+    if scales.numel() != -(-n // group_size):
+        raise ConfigError(f"{scales.numel()} group scales do not cover {n} weights in groups of {group_size}")
+    width = 1.0 if codebook.integer else codebook.width
+    inverse = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0).mul_(1.0 / width)
+    shift = codebook.low / width
+    out = torch.empty(n, dtype=dtype, device=flat.device)
+    step = max(1, _CHUNK // group_size) * group_size
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        first, last = start // group_size, -(-stop // group_size)
+        chunk = flat[start:stop]
+        if (stop - start) % group_size == 0:
+            u = chunk.view(-1, group_size) * inverse[first:last].unsqueeze(1)
+        else:  # the last, partial group
+            u = chunk * inverse[first:last].repeat_interleave(group_size)[: stop - start]
+        out[start:stop] = codebook.nearest_cells(u.sub_(shift)).reshape(-1)
+    return out
+
+
+def _row_sq(error: torch.Tensor) -> torch.Tensor:
+    """``||e_i||^2`` per row, float64 ``[out]`` (float32 products, each row's sum widened)."""
+    return error.square().sum(-1).double()
+
+
 def row_objective(error: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``e_i H e_i^T`` per row, float64 ``[out]``, for ``error [out, in]`` and ``hessian [in, in]``."""
-    parts = [((rows @ hessian) * rows).sum(1, dtype=torch.float64) for rows in error.float().split(chunk)]
+    parts = [(rows @ hessian).mul_(rows).sum(-1).double() for rows in error.float().split(chunk)]
     return torch.cat(parts)
 
 
@@ -189,7 +265,7 @@ def gptq_codes(
             idx = codebook.nearest_cells(torch.mul(w, inv_t[col]).add_(shift))
             codes[col].copy_(idx)
             err = errors[col]
-            torch.addcmul(w, levels.take(idx), scale_t[col], value=-1.0, out=err)
+            torch.addcmul(w, levels.index_select(0, idx), scale_t[col], value=-1.0, out=err)
             err.mul_(inv_diag[col])
             if j + 1 < hi - lo:
                 block[j + 1 :].addr_(factor[j, j + 1 :], err, alpha=-1.0)
@@ -205,8 +281,24 @@ def gptq_codes(
                 work[b:hi].addmm_(upper[a:b, b:hi].t(), errors[a:b], alpha=-1.0)
 
     blocks(0, n, _BLOCKS)
-    objective = errors.double().square().sum(0)
+    objective = errors.square().sum(0).double()
     return codes.t().contiguous(), objective
+
+
+def ordered_gptq_codes(
+    weight: torch.Tensor, scales: torch.Tensor, codebook: Codebook, hessian: torch.Tensor, act_order: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_codes` against the damped ``hessian [in, in]`` (one Cholesky), columns in order of
+    decreasing ``diag(H)`` with ``act_order`` (inputs with the most energy first, so their rounding
+    errors are spread over the most columns) or in index order. Codes come back in index order."""
+    if not act_order:
+        return gptq_codes(weight, scales, codebook, inverse_cholesky(hessian))
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    upper = inverse_cholesky(hessian[perm][:, perm])
+    permuted, rows = gptq_codes(weight[:, perm], scales[:, perm], codebook, upper)
+    codes = torch.empty_like(permuted)
+    codes[:, perm] = permuted
+    return codes, rows
 
 
 def refit_row_aligned(
@@ -237,7 +329,7 @@ def refit_row_aligned(
     for g in range(groups):
         cols = slice(g * group_size, (g + 1) * group_size)
         t = values[:, cols] @ hessian[cols]  # [out, in]: the group's codes times its rows of H
-        m[:, g] = torch.linalg.vecdot(t.reshape(out, groups, group_size), v3)
+        m[:, g] = t.reshape(out, groups, group_size).mul_(v3).sum(-1)
     diag = torch.diagonal(m, dim1=1, dim2=2)
     dead = diag <= 0
     ridge = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp(min=1e-30)
@@ -273,6 +365,7 @@ def calibrated_round(
     damp: float = 0.01,
     refit: bool = True,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    act_order: bool = True,
 ) -> CalibratedResult:
     """Codes and group scales for ``weight [out, in]`` that lower ``tr(E H E^T)`` below the kept state's.
 
@@ -280,6 +373,8 @@ def calibrated_round(
     (only when groups lie within rows, ``in % group_size == 0``; otherwise codes alone are chosen
     against the kept scales). ``project``: maps raw scales to the scales the format will really hold
     (a nested, quantized scale state); the final codes are then chosen against the projected ones.
+    ``act_order``: error feedback in order of decreasing ``diag(H)`` (GPTQ's act-order; the scales are
+    fixed before the codes are chosen, so any column order fits every format).
 
     Steps: nearest codes on the kept scales (the baseline), or on the target's absmax scales where that
     is better (a fresh start: rows whose range grew); per-row least-squares scale refit; codes
@@ -323,15 +418,14 @@ def calibrated_round(
         new, change = refit_row_aligned(weight, levels[codes], current, layout.group_size, hd)
         new_error = weight - levels[codes] * element_scales(layout, new.reshape(-1), shape)
         # The refit's change is in the damped metric; the undamped one drops lam * (change of ||e||^2).
-        row_change = change - lam * (new_error.double().square().sum(1) - error.double().square().sum(1))
+        row_change = change - lam * (_row_sq(new_error) - _row_sq(error))
         accept = row_change < 0
         best_rows = torch.where(accept, best_rows + row_change, best_rows)
         best_scales.reshape(out, groups)[accept] = new[accept]
     projected = best_scales if project is None or not aligned else project(best_scales)
     final_scales = element_scales(layout, projected, shape)
-    upper = inverse_cholesky(hd)
-    gptq, gptq_rows = gptq_codes(weight, final_scales, codebook, upper)
-    gptq_rows = gptq_rows - lam * (weight - levels[gptq] * final_scales).double().square().sum(1)
+    gptq, gptq_rows = ordered_gptq_codes(weight, final_scales, codebook, hd, act_order)
+    gptq_rows = gptq_rows - lam * _row_sq(weight - levels[gptq] * final_scales)
     if project is None or not aligned:
         accept = gptq_rows < best_rows
         best_codes = torch.where(accept.unsqueeze(1), gptq, codes)

@@ -45,3 +45,18 @@ def test_harness_writes_results_and_exact_drift_is_zero(tmp_path: Path) -> None:
     bnb4_randlora = next(c for c in cases if (c["backend"], c["method"]) == ("bnb4", "randlora"))
     assert "peft_merge_crash" in bnb4_randlora["accuracy"]
     assert "PEFT fails" in markdown
+
+
+def test_merge_speed_prints_every_case_with_its_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "merge_speed.py"), "--sizes", "64", "--repeats", "1"]
+    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    cases = {(r["method"], r["format"]) for r in rows}
+    assert cases == {("oft", "nf4"), ("lora", "nf4"), ("oft", "int8"), ("lora", "int8")}
+    for row in rows:
+        assert row["qadapt_s"] > 0 and row["floor_s"] > 0 and row["vs_floor"] > 0
+        assert row["path"] in ("keep", "fresh")
+        assert "peft_s" in row, row.get("peft_error")  # PEFT merges all four cases
+    assert proc.stdout.count("qadapt/PEFT") == 4 and "load average" in proc.stdout

@@ -266,6 +266,23 @@ def test_error_feedback_tracks_its_own_objective_exactly():
     assert float(direct.sum()) < float(rounding.row_objective(weight - book.levels[nearest] * scales, hd).sum())
 
 
+def test_act_order_error_feedback_returns_codes_in_index_order_with_their_objective():
+    """Columns in order of decreasing diag(H): the objective it reports is that of the codes it
+    returns (in index order), and on inputs with outlier channels it is lower than in index order."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 64, generator=g)
+    x = correlated_inputs(512, 64, 0)
+    x[:, 40:44] *= 20  # outlier channels late in index order
+    hd, _ = rounding.damped(x.T @ x, 0.01)
+    book = rounding.Codebook(bnbF.get_4bit_type("nf4", device="cpu"))
+    scales = weight.abs().amax(1, keepdim=True).expand_as(weight).contiguous()
+    codes, rows = rounding.ordered_gptq_codes(weight, scales, book, hd, act_order=True)
+    direct = rounding.row_objective(weight - book.levels[codes] * scales, hd)
+    assert torch.allclose(rows, direct, rtol=1e-3)
+    _, natural = rounding.ordered_gptq_codes(weight, scales, book, hd, act_order=False)
+    assert float(rows.sum()) < float(natural.sum())
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_codebook_lookup_equals_brute_force_nearest(quant_type):
     levels = bnbF.get_4bit_type(quant_type, device="cpu")
@@ -307,17 +324,25 @@ def test_group_scales_rescale_groups_and_load_in_bitsandbytes(name, options):
         assert_bitsandbytes_loads_bnb8(backend, new, shape)
 
 
-def test_bnb4_nested_group_scales_are_built_as_bitsandbytes_builds_them():
-    """with_group_scales on raw scales gives the nested state bitsandbytes' quantize_4bit gives."""
+def test_bnb4_nested_scales_are_built_as_bitsandbytes_builds_them():
+    """The nested state a calibrated requantize writes from raw scales is the one bitsandbytes'
+    quantize_4bit gives; with_group_scales holds the scales exactly instead (<= 256 blocks)."""
     weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
     _, state = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     _, raw = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
     backend = registry.backend_class("bnb4")()
     storage = backend.get_storage(backend.quantize(float_linear(256, 32)))
-    rebuilt = bnb4_codes.with_group_scales(storage, raw.absmax)
-    assert torch.equal(rebuilt.tensors["absmax"], state.absmax)
-    assert torch.equal(rebuilt.tensors["offset"], state.offset)
-    assert torch.equal(rebuilt.tensors["nested_absmax"], state.state2.absmax)
+    rebuilt = bnb4_codes.nested_tensors(raw.absmax, storage)
+    assert torch.equal(rebuilt["absmax"], state.absmax)
+    assert torch.equal(rebuilt["offset"], state.offset)
+    assert torch.equal(rebuilt["nested_absmax"], state.state2.absmax)
+    assert torch.equal(rebuilt["nested_code"], state.state2.code)
+    exact = bnb4_codes.with_group_scales(storage, raw.absmax)
+    held = bnb4_codes.effective_absmax(exact)
+    bnb_held = bnb4_codes.effective_absmax(QuantizedWeight({**storage.tensors, **rebuilt}, storage.meta))
+    assert float((held - raw.absmax).abs().max()) <= 1e-6 * float(raw.absmax.abs().max())
+    assert float((bnb_held - raw.absmax).abs().max()) > 1e-5 * float(raw.absmax.abs().max())
+    assert_bitsandbytes_loads_bnb4(backend, exact)  # plain bitsandbytes reads the fitted table
 
 
 def test_group_scales_reject_a_wrong_shape():

@@ -59,13 +59,30 @@ def effective_absmax(storage: QuantizedWeight) -> torch.Tensor:
     return absmax.float()
 
 
-def nested_tensors(scales: torch.Tensor, like: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """Double-quantize raw ``scales [num_blocks]`` the way bitsandbytes' ``quantize_4bit`` does."""
-    scales = scales.float().contiguous()
+def nested_tensors(scales: torch.Tensor, like: QuantizedWeight, exact: bool = False) -> dict[str, torch.Tensor]:
+    """Double-quantize raw ``scales [num_blocks]`` the way bitsandbytes' ``quantize_4bit`` does (same bits).
+
+    ``offset`` the mean, one ``nested_absmax`` per block of ``nested_blocksize`` scales, 8-bit codes
+    into ``like``'s 256-entry ``nested_code`` (bitsandbytes' dynamic map). With ``exact``, where at
+    most 256 normalized scales are distinct (layers of up to 256 blocks, or repeating scales), the
+    code table is those values instead (:func:`qadapt.rounding.exact_levels`), so every scale is held
+    exactly; the fixed map moves them by up to 0.25 %. Any table is valid: ``dequantize_4bit`` reads
+    it from the state (``weight.nested_quant_map`` in a checkpoint).
+    """
+    scales = scales.detach().float().reshape(-1).contiguous()
+    blocksize = like.meta["nested_blocksize"]
     offset = scales.mean()
-    qabsmax, state2 = bnbF.quantize_blockwise(
-        scales - offset, code=like.tensors["nested_code"], blocksize=like.meta["nested_blocksize"]
-    )
+    centred = scales - offset
+    if exact:
+        blocks = torch.nn.functional.pad(centred, (0, -centred.numel() % blocksize)).view(-1, blocksize)
+        nested_absmax = blocks.abs().amax(1)
+        safe = torch.where(nested_absmax > 0, nested_absmax, 1.0)
+        normalized = (blocks / safe.unsqueeze(1)).reshape(-1)[: centred.numel()]
+        table = rounding.exact_levels(normalized, 256)
+        if table is not None:
+            codes = rounding.nearest_sorted(normalized, table).to(torch.uint8)
+            return {"absmax": codes, "offset": offset, "nested_absmax": nested_absmax, "nested_code": table}
+    qabsmax, state2 = bnbF.quantize_blockwise(centred, code=like.tensors["nested_code"], blocksize=blocksize)
     return {"absmax": qabsmax, "offset": offset, "nested_absmax": state2.absmax, "nested_code": state2.code}
 
 
@@ -101,14 +118,16 @@ def with_codes(like: QuantizedWeight, codes: torch.Tensor, scales: torch.Tensor 
 
 
 def with_group_scales(storage: QuantizedWeight, scales: torch.Tensor) -> QuantizedWeight:
-    """``storage``'s codes with block scales ``scales [num_blocks]`` (double-quantized again if nested)."""
+    """``storage``'s codes with block scales ``scales [num_blocks]`` (double-quantized again if nested, with
+    a nested table that holds them exactly where it can: see :func:`nested_tensors`; this is how the
+    ``scales`` method merges exactly)."""
     expected = layout(storage).num_groups
     if tuple(scales.shape) != (expected,):
         raise ValueError(f"bnb4 group scales must have shape ({expected},), got {tuple(scales.shape)}")
     tensors = dict(storage.tensors)
     scales = scales.detach().to(storage.tensors["absmax"].device)
     if storage.meta["nested"]:
-        tensors.update(nested_tensors(scales, storage))
+        tensors.update(nested_tensors(scales, storage, exact=True))
     else:
         tensors["absmax"] = scales.float().contiguous().clone()
     return QuantizedWeight(tensors, dict(storage.meta))
@@ -125,8 +144,8 @@ def _target(weight: torch.Tensor, like: QuantizedWeight) -> torch.Tensor:
 def keep_state(weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
     """``weight`` with ``like``'s scale state kept bit for bit; each code is the nearest level."""
     target = _target(weight, like)
-    scales = rounding.element_scales(layout(like), effective_absmax(like), tuple(target.shape))
-    codes = rounding.nearest_codes(target, scales, codebook(like.meta["quant_type"], target.device))
+    book = codebook(like.meta["quant_type"], target.device)
+    codes = rounding.group_codes(target, effective_absmax(like), like.meta["blocksize"], book, dtype=torch.uint8)
     return with_codes(like, codes, None)
 
 
@@ -145,7 +164,7 @@ def calibrated(weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationSt
     nested = like.meta["nested"]
 
     def project(raw: torch.Tensor) -> torch.Tensor:
-        return effective_absmax(with_group_scales(like, raw))
+        return effective_absmax(QuantizedWeight({**like.tensors, **nested_tensors(raw, like)}, like.meta))
 
     result = rounding.calibrated_round(
         target,

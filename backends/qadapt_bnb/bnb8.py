@@ -128,9 +128,10 @@ class Bnb8Backend(Backend):
     def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         scb = like.tensors["SCB"]
         target = weight.detach().float().to(scb.device)
-        steps = _step(scb).expand_as(target)
-        codes = rounding.nearest_codes(target, steps, _codebook())
-        return QuantizedWeight({"CB": (codes - 127).to(torch.int8), "SCB": scb})
+        if tuple(target.shape) != (scb.numel(), target.shape[-1]) or target.dim() != 2:
+            raise ValueError(f"weight of shape {tuple(target.shape)} does not fit bnb8 storage with {scb.numel()} rows")
+        codes = rounding.group_codes(target, _step(scb), target.shape[1], _codebook())
+        return QuantizedWeight({"CB": codes.sub_(127).to(torch.int8).reshape(target.shape), "SCB": scb})
 
     def requantize_calibrated(
         self, weight: torch.Tensor, like: QuantizedWeight, stats: CalibrationStats

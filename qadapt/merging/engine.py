@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from qadapt.errors import CapabilityError, ConfigError
-from qadapt.merging.figures import check_finite, kept_share, output_sq_error, weight_figures
+from qadapt.merging.figures import check_finite, kept_share, merge_sums, output_sq_error, weight_figures  # noqa: F401
 from qadapt.merging.result import REQUANTIZE_MODES, MergePath, MergeResult, RequantizeMode
 from qadapt.merging.scales import tune_group_scales
 from qadapt.protocols import Backend, CalibrationStats, Method, QuantizedWeight
@@ -116,6 +116,63 @@ def merged_bias(
     return new
 
 
+class _Candidates:
+    """The storages a merge chose between, dequantized, with their figures: weight-space sums from one
+    pass (:func:`merge_sums`), output-space distances ``tr(E H E^T)`` each computed once per metric."""
+
+    def __init__(self, backend: Backend, weight: torch.Tensor, merged: torch.Tensor, storages: dict) -> None:
+        self.weight, self.merged = weight, merged
+        self.storages: dict[str, QuantizedWeight] = storages
+        self.stored = {key: backend.dequantize(new).float() for key, new in storages.items()}
+        self.index = {key: i for i, key in enumerate(self.stored)}
+        self.sums = merge_sums(weight, merged, list(self.stored.values()))
+        self._distances: dict[tuple[str, int], float] = {}
+
+    def distance(self, key: str, hessian: torch.Tensor | None) -> float:
+        """Squared distance of candidate ``key`` (or ``"base"``: the unmerged ``W``) to ``W'`` in metric ``H``
+        (None: weight space, from the shared sums)."""
+        if hessian is None:
+            return self.sums.base_sq if key == "base" else self.sums.error_sq[self.index[key]]
+        cached = self._distances.get((key, id(hessian)))
+        if cached is None:
+            source = self.weight if key == "base" else self.stored[key]
+            cached = self._distances[(key, id(hessian))] = output_sq_error(source - self.merged, hessian)
+        return cached
+
+    def check_finite(self, key: str, what: str) -> None:
+        """The safe check of what candidate ``key`` stores (a full pass only when its sums are not finite)."""
+        if not self.sums.finite(self.index[key]):
+            check_finite(self.stored[key], what)
+
+
+def _candidates(
+    backend: Backend,
+    method: Method,
+    adapter: nn.Module,
+    storage: QuantizedWeight,
+    weight: torch.Tensor,
+    merged: torch.Tensor,
+    mode: RequantizeMode,
+    stats: CalibrationStats | None,
+) -> tuple[str, _Candidates]:
+    """``(path, candidates)``: the method's in-format merge, or the requantize along ``mode``'s path; for
+    ``"keep"`` a fresh requantize too (kept scales win for the small moves trained adapters make; a
+    change that leaves a block's range is clipped by them, where new scales follow it)."""
+    new = method.merge_storage(adapter, backend, storage)
+    if new is not None:
+        return "storage", _Candidates(backend, weight, merged, {"storage": new})
+    path = resolve_mode(backend, mode, stats)
+    storages = {path: requantize(backend, merged, storage, path, stats)}
+    if path == "keep":
+        storages["fresh"] = requantize(backend, merged, storage, "fresh", stats)
+    candidates = _Candidates(backend, weight, merged, storages)
+    if path == "keep":
+        fit = None if stats is None else stats.hessian
+        if candidates.distance("fresh", fit) < candidates.distance("keep", fit):
+            path = "fresh"
+    return path, candidates
+
+
 @torch.no_grad()
 def merge_storage(
     backend: Backend,
@@ -137,58 +194,34 @@ def merge_storage(
     guard's metric). ``heldout``: ``H`` of held-out calibration rows ``[in, in]``, for the reported
     ``kept``. ``tune_steps``: refit the requantized layer's group scales (see
     :func:`tune_group_scales`; needs ``stats`` and a backend with group scales).
+
+    Every figure and the guard share one pass of weight-space sums (:func:`merge_sums`) and, with
+    calibration, one ``tr(E H E^T)`` per candidate and metric.
     """
     check_requantize_mode(requantize_mode)
     weight, merged = float_merged_weight(backend, method, adapter, storage)
     if safe:
         check_finite(merged, f"merging adapter {name!r}")
-    new = method.merge_storage(adapter, backend, storage)
-    path = "storage"
-    stored: torch.Tensor | None = None
-    if new is None:
-        path = resolve_mode(backend, requantize_mode, stats)
-        new = requantize(backend, merged, storage, path, stats)
-        if path == "keep":
-            # Kept scales win for the small moves trained adapters make (a fresh quantizer rescales
-            # whole blocks); a change that leaves a block's range is clipped by them, where new
-            # scales follow it. Both candidates are cheap: keep the closer one in the fit metric.
-            fit = None if stats is None else stats.hessian
-            fresh = requantize(backend, merged, storage, "fresh", stats)
-            stored, fresh_stored = backend.dequantize(new).float(), backend.dequantize(fresh).float()
-            if output_sq_error(fresh_stored - merged, fit) < output_sq_error(stored - merged, fit):
-                new, path, stored = fresh, "fresh", fresh_stored
-    tuned = None
+    path, candidates = _candidates(backend, method, adapter, storage, weight, merged, requantize_mode, stats)
+    key, tuned = path, None  # key: the chosen candidate
     if tune_steps > 0 and stats is not None and path != "storage":
-        tuned = tune_group_scales(backend, new, merged, stats.hessian, tune_steps)
-        new = tuned if tuned is not None else new
-    if stored is None or tuned is not None:
-        stored = backend.dequantize(new).float()
+        tuned = tune_group_scales(backend, candidates.storages[path], merged, stats.hessian, tune_steps)
+        if tuned is not None:
+            key, candidates = "tuned", _Candidates(backend, weight, merged, {"tuned": tuned})
     if safe:
-        check_finite(stored, f"merging adapter {name!r} (as stored)")
-
-    # (base, stored) squared output distances to W' per metric H: each is an [out, in] @ [in, in]
-    # product, so the guard and the reported figure share them.
-    distances: dict[int, tuple[float, float]] = {}
-
-    def distance(hessian: torch.Tensor | None) -> tuple[float, float]:
-        if id(hessian) not in distances:
-            distances[id(hessian)] = (
-                output_sq_error(weight - merged, hessian),
-                output_sq_error(stored - merged, hessian),
-            )
-        return distances[id(hessian)]
-
+        candidates.check_finite(key, f"merging adapter {name!r} (as stored)")
+    new = candidates.storages[key]
     reverted = False
     if guard and path != "storage":
         # Kept only if no worse than the unmerged base on the fit rows and on the held-out rows the
         # report measures: the choice is binary (old codes or new), so judging it on held-out rows
         # cannot overfit, and a reported figure is then never below 0.
         metrics = [None] if stats is None else [stats.hessian] + ([] if heldout is None else [heldout])
-        if any(merged_sq > base_sq for base_sq, merged_sq in map(distance, metrics)):
-            new, stored, reverted = storage, weight, True
-    error, retained = weight_figures(weight, merged, stored)
-    base_sq, merged_sq = distance(heldout)
-    kept = kept_share(base_sq, base_sq if reverted else merged_sq)
+        if any(candidates.distance(key, h) > candidates.distance("base", h) for h in metrics):
+            new, reverted = storage, True
+    error, retained = candidates.sums.figures(None if reverted else candidates.index[key])
+    base_sq = candidates.distance("base", heldout)
+    kept = kept_share(base_sq, base_sq if reverted else candidates.distance(key, heldout))
     result = MergeResult(
         adapter=name,
         error=error,
@@ -243,18 +276,15 @@ def convert_weight(
     what = what or f"merging adapter {name!r}"
     if safe:
         check_finite(merged, what)
-    new = write(merged)
-    stored = read(new).float()
-    if safe:
-        check_finite(stored, f"{what} (as stored)")
-    base_sq = output_sq_error(weight - merged, None)
-    merged_sq = output_sq_error(stored - merged, None)
-    reverted = False
+    written = [write(merged)]
+    stored = [read(written[0]).float()]
     if guard:
-        base_new = write(weight)
-        base_stored = read(base_new).float()
-        base_written_sq = output_sq_error(base_stored - merged, None)
-        if base_written_sq < merged_sq:
-            new, stored, merged_sq, reverted = base_new, base_stored, base_written_sq, True
-    error, retained = weight_figures(weight, merged, stored)
-    return new, MergeResult(name, error, retained, kept_share(base_sq, merged_sq), "weight", path, reverted)
+        written.append(write(weight))
+        stored.append(read(written[1]).float())
+    sums = merge_sums(weight, merged, stored)
+    if safe and not sums.finite(0):
+        check_finite(stored[0], f"{what} (as stored)")
+    chosen = 1 if guard and sums.error_sq[1] < sums.error_sq[0] else 0
+    error, retained = sums.figures(chosen)
+    kept = kept_share(sums.base_sq, sums.error_sq[chosen])
+    return written[chosen], MergeResult(name, error, retained, kept, "weight", path, chosen == 1)

@@ -159,48 +159,103 @@ def _check_finite(stats: Mapping[str, LayerStats], index: int, held: bool) -> No
             )
 
 
+class _StopForward(Exception):
+    """Raised by the last statistics hook of a fit batch: nothing after the layers is needed."""
+
+
+class _Gatherer:
+    """The forward pre-hooks of :func:`collect_stats` and what they share.
+
+    Layers fed the same input tensor (q/k/v, gate/up) take ``X^T X`` from one product: the hook
+    keeps the last input and its product (a reference, so its memory cannot be reused meanwhile).
+    Once the first batch showed every layer called exactly once, a batch whose logits are not wanted
+    stops as soon as every layer has seen its input (the model's head and the layers after the last
+    one are not run).
+    """
+
+    def __init__(self, stats: dict[str, LayerStats]) -> None:
+        self.stats = stats
+        self.heldout = self.cut = False
+        self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self.calls: dict[str, int] = {}
+        self.once = False  # every layer called exactly once per batch (known after the first batch)
+
+    def start_batch(self, held: bool, cut: bool) -> None:
+        """A new batch (``held``: a held-out one; ``cut``: its forward may stop after the last layer)."""
+        self.heldout, self.cut, self.last, self.calls = held, cut, None, {}
+
+    def end_batch(self) -> None:
+        self.once = self.once or (
+            len(self.calls) == len(self.stats) and all(count == 1 for count in self.calls.values())
+        )
+        self.last = None
+
+    def product(self, x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
+        """``(x^T x [in, in], rows)`` of a layer input ``x [..., in]``, shared with the previous layer's."""
+        if self.last is not None and self.last[0] is x and self.last[1] == x._version:
+            return self.last[2], x.numel() // in_features
+        rows = x.detach().reshape(-1, in_features).float()
+        product = rows.T @ rows
+        self.last = (x, x._version, product)
+        return product, rows.shape[0]
+
+    def hook_for(self, name: str, in_features: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            product, rows = self.product(args[0], in_features)
+            s = self.stats[name]
+            if self.heldout:
+                s.heldout.add_(product)
+                s.heldout_rows += rows
+            else:
+                s.fit.add_(product)
+                s.fit_rows += rows
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.once and self.cut and len(self.calls) == len(self.stats):
+                raise _StopForward
+
+        return hook
+
+
 @torch.no_grad()
 def collect_stats(
-    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], fit: Sequence[Indexed], heldout: Sequence[Indexed]
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    fit: Sequence[Indexed],
+    heldout: Sequence[Indexed],
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches through ``model`` and accumulate each layer's input statistics.
 
     ``layers``: ``(name, module)`` pairs whose inputs ``[..., in]`` are gathered (with forward
     pre-hooks, removed afterwards). Memory: two ``[in, in]`` float32 matrices per layer.
-    ``fit`` / ``heldout``: ``(position, batch)`` pairs (:class:`Batches`).
+    ``fit`` / ``heldout``: ``(position, batch)`` pairs (:class:`Batches`). ``outputs``: a list to
+    append the model's logits on each held-out batch to (float32, CPU), as :func:`model_outputs`
+    gives them: the held-out pass runs anyway.
 
     Raises:
         InputError: a batch made a layer's statistics non-finite, naming the batch and the layer.
     """
     stats: dict[str, LayerStats] = {}
-    current = {"heldout": False}
+    gatherer = _Gatherer(stats)
     handles = []
-
-    def hook_for(name: str, in_features: int):
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, in_features).float()
-            s = stats[name]
-            if current["heldout"]:
-                s.heldout.addmm_(x.T, x)
-                s.heldout_rows += x.shape[0]
-            else:
-                s.fit.addmm_(x.T, x)
-                s.fit_rows += x.shape[0]
-
-        return hook
-
     try:
         for name, module in layers:
             in_f = module.in_features
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
             zeros = lambda in_f=in_f, device=device: torch.zeros(in_f, in_f, device=device)  # noqa: E731
             stats[name] = LayerStats(zeros(), 0, zeros(), 0)
-            handles.append(module.register_forward_pre_hook(hook_for(name, in_f)))
+            handles.append(module.register_forward_pre_hook(gatherer.hook_for(name, in_f)))
         with eval_mode(model):
             for held, batches in ((False, fit), (True, heldout)):
-                current["heldout"] = held
                 for index, batch in batches:
-                    run_model(model, batch)
+                    gatherer.start_batch(held, cut=not held or outputs is None)
+                    try:
+                        out = run_model(model, batch)
+                    except _StopForward:
+                        out = None
+                    gatherer.end_batch()
+                    if held and outputs is not None:
+                        outputs.append(output_tensor(out).detach().float().cpu())
                     _check_finite(stats, index, held)
     finally:
         for handle in handles:

@@ -146,13 +146,27 @@ def _check_merge_arguments(
         raise ConfigError(f"calibration_memory must be a positive number of bytes, got {calibration_memory!r}")
 
 
-def _stat_groups(plan: list, budget: int) -> list[list]:
-    """Consecutive runs of the plan whose statistics (``2 * in^2 * 4`` bytes a layer) fit ``budget``."""
+def _check_sequential(sequential: Any, calibration: Any) -> None:
+    if isinstance(sequential, bool):
+        if sequential and calibration is None:
+            raise ConfigError("sequential needs calibration data: merge(model, calibration=batches, sequential=True)")
+        return
+    if not isinstance(sequential, int) or sequential < 1:
+        raise ConfigError(f"sequential must be True, False or a number of runs >= 1, got {sequential!r}")
+    if calibration is None:
+        raise ConfigError("sequential needs calibration data: merge(model, calibration=batches, sequential=n)")
+
+
+def _stat_groups(plan: list, budget: int, sequential: bool | int = False) -> list[list]:
+    """Consecutive runs of the plan whose statistics (``2 * in^2 * 4`` bytes a layer) fit ``budget``;
+    with ``sequential``, at least that many runs (``True``: one per layer)."""
+    runs = len(plan) if sequential is True else max(1, int(sequential))
+    per_run = -(-len(plan) // runs) if plan else 1
     groups: list[list] = [[]]
     used = 0
     for item in plan:
         need = 8 * item[1].in_features ** 2
-        if groups[-1] and used + need > budget:
+        if groups[-1] and (used + need > budget or len(groups[-1]) >= per_run):
             groups.append([])
             used = 0
         groups[-1].append(item)
@@ -173,6 +187,7 @@ def merge(
     warn_below: float | None = DEFAULT_WARN_BELOW,
     calibration_memory: int = DEFAULT_CALIBRATION_MEMORY,
     max_calibration_batches: int = DEFAULT_MAX_BATCHES,
+    sequential: bool | int = False,
 ) -> MergeReport:
     """Merge an adapter into every layer's quantized weight (each layer's active one by default).
 
@@ -198,6 +213,10 @@ def merge(
         calibration_memory: bytes of layer statistics held at once; layers are calibrated in runs
             that fit (later runs see the earlier layers already merged).
         max_calibration_batches: batches read from ``calibration`` at most (default 256; >= 2).
+        sequential: with calibration, take each layer's inputs from the model with the layers before
+            it already merged (GPTQ's order): ``True`` gathers statistics again before every layer,
+            a number ``n`` in ``n`` runs of consecutive layers. Each run is one more pass over the
+            calibration batches, cut after its last layer (``n`` runs cost about ``n / 2`` passes).
 
     Layers whose backend cannot requantize keep their adapter unmerged; the report lists them, with
     the reason. A layer whose requantized merge would be worse than no adapter keeps its old
@@ -219,6 +238,7 @@ def merge(
         warn_below=warn_below,
         calibration_memory=calibration_memory,
         max_calibration_batches=max_calibration_batches,
+        sequential=sequential,
     )
 
 
@@ -235,11 +255,13 @@ def _merge(
     warn_below: float | None = DEFAULT_WARN_BELOW,
     calibration_memory: int = DEFAULT_CALIBRATION_MEMORY,
     max_calibration_batches: int = DEFAULT_MAX_BATCHES,
+    sequential: bool | int = False,
     into: Transaction | None = None,
 ) -> MergeReport:
     """:func:`merge`; with ``pending_only``, layers already merged are left as they are; ``into``: the
     caller's transaction."""
     _check_merge_arguments(requantize, tune_scales, warn_below, calibration_memory, max_calibration_batches)
+    _check_sequential(sequential, calibration)
     if tune_scales and calibration is None:
         raise ConfigError("tune_scales needs calibration data: merge(model, calibration=batches, tune_scales=N)")
     plan, skipped = _merge_plan(model, adapter_name, pending_only)
@@ -269,7 +291,6 @@ def _merge(
                     f"{batches.limit}); the rest were not read"
                 )
             fit, heldout = batches.fit, batches.heldout
-            adapted = model_outputs(model, heldout)
             tx.keep_layers(layer for _, layer, _ in plan)
             for _, layer, _ in plan:
                 layer.enable_adapters(False)
@@ -278,8 +299,9 @@ def _merge(
             finally:
                 for _, layer, _ in plan:
                     layer.enable_adapters(True)
-            groups = _stat_groups(plan, calibration_memory)
-            results = _merge_runs(model, groups, mode, safe, keep_snapshot, (fit, heldout), tune_scales, tx)
+            groups = _stat_groups(plan, calibration_memory, sequential)
+            adapted: list[torch.Tensor] = []  # the first run's held-out pass: the adapted model's outputs
+            results = _merge_runs(model, groups, mode, safe, keep_snapshot, (fit, heldout, adapted), tune_scales, tx)
             merged = model_outputs(model, heldout)
             model_kept = kept_share(squared_distance(adapted, base), squared_distance(merged, adapted))
     names = {adapter for _, _, adapter in plan}
@@ -359,12 +381,13 @@ def _merge_runs(
     mode: RequantizeMode,
     safe: bool,
     keep_snapshot: bool,
-    calibration: tuple[list, list] | None,
+    calibration: tuple[list, list, list] | None,
     tune_scales: int,
     into: Transaction | None = None,
 ) -> dict[str, MergeResult]:
     """Merge the planned layers run by run (statistics gathered per run); all or nothing (``into``:
-    the caller's transaction, which the caller undoes)."""
+    the caller's transaction, which the caller undoes). ``calibration``: ``(fit, heldout, outputs)``,
+    where the first run appends the (still unmerged) model's logits on the held-out batches to ``outputs``."""
     results: dict[str, MergeResult] = {}
     few: list[str] = []
     silent: list[str] = []
@@ -373,7 +396,9 @@ def _merge_runs(
         for run in runs:
             stats: dict[str, LayerStats] = {}
             if calibration is not None:
-                stats = collect_stats(model, [(name, layer) for name, layer, _ in run], *calibration)
+                fit, heldout, outputs = calibration
+                layers = [(n, layer) for n, layer, _ in run]
+                stats = collect_stats(model, layers, fit, heldout, outputs if run is runs[0] else None)
             for name, layer, adapter in progress(run, "qadapt merge"):
                 layer_stats = stats.pop(name, None)
                 layer_mode, fit = mode, None
