@@ -33,8 +33,19 @@ BACKENDS: list[tuple[str, dict]] = [
     # the test layers (32x16, 64x48, 192x96) have 8, 48 and 288 blocks of 64.
     ("torchao", {"config": "nf4", "nf4_scaler_block_size": 8}),
     ("hqq", {"nbits": 4, "group_size": 64}),
+    ("gguf", {"type": "q4_1"}),
 ]
-BACKEND_IDS = ["none", "bnb8", "bnb4-nf4", "bnb4-fp4", "torchao-int8", "torchao-int4", "torchao-nf4", "hqq-4bit"]
+BACKEND_IDS = [
+    "none",
+    "bnb8",
+    "bnb4-nf4",
+    "bnb4-fp4",
+    "torchao-int8",
+    "torchao-int4",
+    "torchao-nf4",
+    "hqq-4bit",
+    "gguf-q4_1",
+]
 
 
 def tensor_checksum(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:

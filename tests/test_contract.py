@@ -18,7 +18,9 @@ from qadapt.registry.reference import FloatBackend
 
 METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr", "boft", "qalora")
 BUILTIN_METHODS = [name for name in METHOD_NAMES if name in registry.names("methods")]
-LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq")]
+LIBRARY_BACKEND_IDS = [
+    i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in ("torchao", "hqq", "gguf")
+]
 LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
 
 
@@ -26,7 +28,11 @@ LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
 #: torchao's symmetric intx quantizer scales a group's largest magnitude to 7.5 steps and rounds it to
 #: code -8 or 7, so the dequantized weight's largest magnitude is 8 steps: a fresh requantize picks a
 #: scale 8/7.5 larger and re-rounds every code (drift about the quantization error itself, 0.067 here).
-CHECK_OPTIONS = {("torchao-int4", "check_requantize_round_trip"): {"max_relative_error": 0.1}}
+#: GGUF's Q4_1/Q5_1 store each block's min as float16: a shifted min is rounded to 11 significant bits.
+CHECK_OPTIONS = {
+    ("torchao-int4", "check_requantize_round_trip"): {"max_relative_error": 0.1},
+    ("gguf-q4_1", "check_group_offsets"): {"tolerance": 1e-3},
+}
 
 
 @pytest.mark.parametrize("check", testing.backend_checks(), ids=lambda c: c.__name__)
@@ -108,6 +114,7 @@ OTHER_OPTIONS = {
     "int8sym": {"compute_dtype": "bfloat16"},
     "torchao": {"config": "int4", "group_size": 16, "mapping": "asymmetric"},
     "hqq": {"nbits": 3, "group_size": 32, "axis": 0, "compute_dtype": "bfloat16", "optimize": False},
+    "gguf": {"type": "q8_0"},
 }
 
 
@@ -270,6 +277,8 @@ class ForLayerWithOtherOptions(AddDelta):
 
     def for_layer(self, name):
         return type(self)({"scale": 0.5})
+
+
 class TrustingCheckpoint(FloatBackend):
     """from_checkpoint takes any float ``weight`` as it comes, whatever its length."""
 
