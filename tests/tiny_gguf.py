@@ -33,9 +33,10 @@ def _llama_cpp_order(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(path: Path, text: str, seed: int = 0) -> LlamaForCausalLM:
-    """Write a 2-layer Llama (hidden 64) and a tokenizer trained on ``text`` to ``path`` (F32 tensors);
-    returns the float model the file holds."""
+def write_tiny_gguf(path: Path, text: str, seed: int = 0, linear_type: str | None = None) -> LlamaForCausalLM:
+    """Write a 2-layer Llama (hidden 64) and a tokenizer trained on ``text`` to ``path`` (F32 tensors; the
+    block linears quantized by the ``gguf`` package to ``linear_type``, e.g. ``"Q4_1"``, when given);
+    returns the float model the file was written from."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -83,7 +84,12 @@ def write_tiny_gguf(path: Path, text: str, seed: int = 0) -> LlamaForCausalLM:
             weight = state[f"model.layers.{i}.{ours}.weight"]
             if theirs in ("attn_q", "attn_k"):
                 weight = _llama_cpp_order(weight, HEADS if theirs == "attn_q" else KV_HEADS)
-            writer.add_tensor(f"blk.{i}.{theirs}.weight", weight.numpy().astype(np.float32))
+            data = weight.numpy().astype(np.float32)
+            if linear_type is not None and weight.dim() == 2:
+                qtype = gguf.GGMLQuantizationType[linear_type]
+                writer.add_tensor(f"blk.{i}.{theirs}.weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(f"blk.{i}.{theirs}.weight", data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -73,7 +73,8 @@ def open_gguf(path: str | os.PathLike[str]) -> GgufFile:
     try:
         reader = gguf.GGUFReader(str(real), "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"GGUF file {str(real)!r}: unreadable header ({type(exc).__name__}: {exc})") from None
+        what = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"GGUF file {str(real)!r}: header or tensor table unreadable ({what})") from None
     arch = reader.fields.get("general.architecture")
     if arch is None:
         raise CheckpointError(f"GGUF file {str(real)!r}: no general.architecture field")
