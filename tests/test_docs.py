@@ -27,6 +27,12 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "docs/config.md": ("invalid qadapt config (4 errors)", "['adapter_name', 'backend', 'exclude', 'method'"),
     "docs/backends.md": ("{'torchao': 2}",),
     "docs/training.md": ("saved adapter after 4 steps", "Trainer ran 4 steps; adapter saved"),
+    "docs/gguf.md": (
+        "GgufLinear Q4_1",
+        "14 layer(s) merged",
+        "transformers reads the exported file as the merged model: True",
+        "14 tensors rewritten (Q4_1), metadata kept: True",
+    ),
     "docs/export.md": ("exported llama-merged-nf4 (nf4): 14 layer(s) merged",),
     "docs/plugins.md": ("int8sym and oft pass the contract suite",),
     "docs/first-plugin.md": (
