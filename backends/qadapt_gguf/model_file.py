@@ -139,10 +139,32 @@ def _processor(file: GgufFile, config: Any) -> Any:
     return TENSOR_PROCESSORS.get(file.architecture, TensorProcessor)(config=config.to_dict())
 
 
+class _Flat(nn.Module):
+    """A module with ``model``'s parameter names and config but no children: transformers' name mapper
+    recurses into every submodule and builds gguf's whole name table each time (hundreds of times for an
+    LLM); one level deep is where the names it finds live."""
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        object.__setattr__(self, "_names", list(model.state_dict()))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, None]:  # type: ignore[override]
+        return dict.fromkeys(self._names)
+
+
 def _name_map(file: GgufFile, model: nn.Module, processor: Any) -> dict[str, str]:
+    """``{gguf tensor name: parameter name}`` as ``get_gguf_hf_weights_map`` gives it (the whole model's
+    names first, then each direct child's under its prefix, the first found kept)."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    return get_gguf_hf_weights_map(model, processor)
+    config = model.config
+    names = get_gguf_hf_weights_map(_Flat(model, config), processor, config.model_type, config.num_hidden_layers)
+    for prefix, child in model.named_children():
+        flat = _Flat(child, config)
+        found = get_gguf_hf_weights_map(flat, processor, config.model_type, config.num_hidden_layers, f"{prefix}.")
+        names.update({k: v for k, v in found.items() if k not in names})
+    return names
 
 
 def _row_order(processor: Any, tensor: GgufTensor) -> np.ndarray:
