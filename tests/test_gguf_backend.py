@@ -106,3 +106,42 @@ def test_q4_1_min_is_the_zero_point_and_q4_0_has_none():
 def test_rows_that_are_not_whole_blocks_are_refused_with_the_option_named():
     with pytest.raises(ConfigError, match=r"type q5_0 stores rows in blocks of 32 weights, so in_features \(48\)"):
         GgufBackend({"type": "q5_0"}).check_layer(48, 8)
+
+
+def _trained(method: str, options: dict, backend: dict):
+    from torch import nn
+
+    from qadapt.model.layer import QuantAdapterLinear
+
+    torch.manual_seed(0)
+    layer = QuantAdapterLinear(nn.Linear(64, 48), method, "gguf", method_options=options, backend_options=backend)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in layer.adapters.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return layer.eval()
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "kind"),
+    [("qalora", {"r": 4, "group_size": 32}, "q4_1"), ("scales", {}, "q4_0"), ("scales", {}, "q4_1")],
+    ids=["qalora-into-q4_1-mins", "scales-into-q4_0-d", "scales-into-q4_1-d-and-m"],
+)
+def test_exact_merges_into_the_block_header(method, options, kind):
+    """QA-LoRA folds into each block's min, the scales method into each block's d: codes kept, output kept
+    up to the float16 rounding of the header."""
+    layer = _trained(method, options, {"type": kind})
+    t = TYPES[kind.upper()]
+    before = layer.backend.get_storage(layer.base)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unmerged = layer(x)
+        result = layer.merge()
+        merged = layer(x)
+    after = layer.backend.get_storage(layer.base)
+    assert result.path == "storage" and not result.reverted
+    assert torch.equal(
+        t.index(after.tensors["blocks"].reshape(-1, t.nbytes)), t.index(before.tensors["blocks"].reshape(-1, t.nbytes))
+    )
+    assert not after.equal(before)
+    assert float((merged - unmerged).norm() / unmerged.norm()) < 2e-3
