@@ -145,3 +145,18 @@ def test_exact_merges_into_the_block_header(method, options, kind):
     )
     assert not after.equal(before)
     assert float((merged - unmerged).norm() / unmerged.norm()) < 2e-3
+
+
+def test_training_forward_keeps_blocks_not_the_float_weight_and_gives_the_same_gradient():
+    backend = GgufBackend({"type": "q5_1"})
+    layer = backend.quantize(torch.nn.Linear(64, 48))
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = layer(x)
+    matmul = out.grad_fn.next_functions[0][0]  # out = (x @ W.T) + bias
+    saved = list(matmul.saved_tensors)
+    assert [t.dtype for t in saved] == [torch.uint8], "only the blocks are held for the backward"
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    reference = x.detach().clone().requires_grad_()
+    expected = F.linear(reference, backend.dequantize(backend.get_storage(layer)), layer.bias)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), reference)
+    assert torch.allclose(out, expected, atol=1e-5) and torch.allclose(grad, expected_grad, atol=1e-4)

@@ -58,10 +58,30 @@ class GgufLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight_float().to(x.dtype), bias)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.weight_float().to(x.dtype), bias)
+        out = _BlocksMatmul.apply(x, self.blocks, self.gguf_type, (self.out_features, self.in_features))
+        return out if bias is None else out + bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.gguf_type}"
+
+
+class _BlocksMatmul(torch.autograd.Function):
+    """``x @ W.T`` that keeps the blocks, not the float weight, for the backward (dequantized again there):
+    training holds one layer's float weight at a time, not the whole model's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor, kind: str, shape: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(blocks)
+        ctx.kind, ctx.shape = kind, shape
+        return F.linear(x, dequantize_blocks(blocks, TYPES[kind], shape).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (blocks,) = ctx.saved_tensors
+        weight = dequantize_blocks(blocks, TYPES[ctx.kind], ctx.shape).to(grad.dtype)
+        return grad @ weight, None, None, None
 
 
 def dequantize_blocks(blocks: torch.Tensor, t: BlockType, shape: tuple[int, int]) -> torch.Tensor:
