@@ -24,7 +24,7 @@ from torch import nn
 
 from qadapt.errors import CapabilityError, ConfigError
 from qadapt.protocols import Backend, BackendCapabilities, CalibrationStats, GroupLayout, PluginOptions, QuantizedWeight
-from qadapt.rounding import Codebook, calibrated_round, nearest_codes
+from qadapt.rounding import Codebook, calibrated_round
 from qadapt_gguf.quants import TYPES, BlockType
 
 QuantizableType = Literal["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
@@ -172,12 +172,13 @@ class GgufBackend(Backend):
     def requantize_keep_state(self, weight: torch.Tensor, like: QuantizedWeight) -> QuantizedWeight:
         """Nearest codes against ``like``'s block scales and mins, which are kept byte for byte."""
         t, blocks, scale, offset = self._grid(like)
-        shape = tuple(like.meta["shape"])
-        w = weight.detach().float().to(blocks.device)
+        w = weight.detach().float().to(blocks.device).reshape(blocks.shape[0], -1, t.group)
         if offset is not None:
-            w = w - self._per_element(offset, t, shape)
-        index = nearest_codes(w, self._per_element(scale, t, shape), Codebook(t.levels()).to(blocks.device))
-        new = t.with_index(blocks, index.reshape(-1, t.block))
+            w = w - offset.unsqueeze(-1)
+        # Integer levels: the nearest is a rounding (ties to even); a zero scale gives the level nearest 0.
+        inverse = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0).unsqueeze(-1)
+        level = torch.round(w.mul_(inverse) if offset is not None else w * inverse).clamp_(t.low, t.high)
+        new = t.with_index(blocks, level.sub_(t.low).reshape(-1, t.block))
         return QuantizedWeight({"blocks": new.reshape(like.tensors["blocks"].shape)}, dict(like.meta))
 
     def requantize_calibrated(

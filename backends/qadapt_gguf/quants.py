@@ -89,25 +89,27 @@ class BlockType:
         """The levels ``[L]`` float32 an index stands for."""
         return torch.arange(self.low, self.high + 1, dtype=torch.float32)
 
-    def _map(self, f: BitField, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _map(self, f: BitField, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(byte index [block], shift [block] uint8, bytes covered)`` of a field, cached per device."""
         key = (f.start, f.bits, str(device))
         if key not in self._maps:
             byte = torch.tensor(f.byte, dtype=torch.int64, device=device) + f.start
             shift = torch.tensor(f.shift, dtype=torch.uint8, device=device)
-            self._maps[key] = (byte, shift)
+            self._maps[key] = (byte, shift, torch.unique(byte))
         return self._maps[key]
 
     # ------------------------------------------------------------------ decode
 
     def index(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Stored indices ``[n, block]`` int64 of ``blocks [n, nbytes]``."""
-        out = torch.zeros(blocks.shape[0], self.block, dtype=torch.int64, device=blocks.device)
+        """Stored indices ``[n, block]`` uint8 of ``blocks [n, nbytes]`` (at most 8 bits: uint8 throughout)."""
+        out: torch.Tensor | None = None
         low_bits = 0
         for f in self.fields:
-            byte, shift = self._map(f, blocks.device)
+            byte, shift, _ = self._map(f, blocks.device)
             part = (blocks[:, byte] >> shift) & ((1 << f.bits) - 1)
-            out |= part.to(torch.int64) << low_bits
+            out = part if out is None else out | (part << low_bits)
             low_bits += f.bits
+        assert out is not None
         return out ^ 0x80 if self.signed_bytes else out
 
     def params(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,7 +128,7 @@ class BlockType:
         """Float32 weights ``[n, block]`` of ``blocks [n, nbytes]`` (bit-equal to ``gguf.quants``)."""
         n = blocks.shape[0]
         groups = self.block // self.group
-        level = (self.index(blocks) + self.low).float().reshape(n, groups, self.group)
+        level = self.index(blocks).float().add_(self.low).reshape(n, groups, self.group)
         scale, offset = self.params(blocks)
         out = scale.unsqueeze(-1) * level
         if offset is not None:
@@ -137,19 +139,17 @@ class BlockType:
 
     def with_index(self, blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """New blocks: ``blocks``' headers (scales, mins) kept byte for byte, indices ``[n, block]`` written."""
-        index = index.to(torch.int64)
+        index = index.to(torch.uint8)
         if self.signed_bytes:
             index = index ^ 0x80
         out = blocks.clone()
         low_bits = 0
         for f in self.fields:
-            byte, shift = self._map(f, blocks.device)
-            covered = torch.unique(byte)
-            out[:, covered] = 0
-            part = ((index >> low_bits) & ((1 << f.bits) - 1)) << shift.to(torch.int64)
-            packed = torch.zeros(blocks.shape[0], self.nbytes, dtype=torch.int64, device=blocks.device)
-            packed.scatter_add_(1, byte.expand(blocks.shape[0], -1), part)
-            out[:, covered] |= packed[:, covered].to(torch.uint8)
+            byte, shift, covered = self._map(f, blocks.device)
+            part = ((index >> low_bits) & ((1 << f.bits) - 1)) << shift
+            packed = torch.zeros(blocks.shape[0], self.nbytes, dtype=torch.uint8, device=blocks.device)
+            packed.scatter_add_(1, byte.expand(blocks.shape[0], -1), part)  # the bits are disjoint: add is or
+            out[:, covered] = packed[:, covered]
             low_bits += f.bits
         return out
 
