@@ -160,3 +160,16 @@ def test_training_forward_keeps_blocks_not_the_float_weight_and_gives_the_same_g
     expected = F.linear(reference, backend.dequantize(backend.get_storage(layer)), layer.bias)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), reference)
     assert torch.allclose(out, expected, atol=1e-5) and torch.allclose(grad, expected_grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q5_0", "q5_1"])
+def test_every_quantizable_type_passes_the_contract(kind):
+    """(Q4_1 runs in tests/test_contract.py's matrix.) Q5_1's mins are float16, like Q4_1's."""
+    from qadapt import testing
+
+    other = {"type": "q4_1" if kind != "q4_1" else "q8_0"}
+    for check in testing.backend_checks():
+        extra = {"other_options": other} if check is testing.check_requantize_follows_like_not_options else {}
+        if check is testing.check_group_offsets:
+            extra["tolerance"] = 1e-3
+        check("gguf", options={"type": kind}, **extra)
