@@ -51,6 +51,20 @@ def _check_out(base: Path, adapter: Path, out: Path, overwrite: bool) -> None:
         raise ConfigError(f"OUT's folder {str(out.parent)!r} does not exist")
 
 
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """``tmp`` becomes ``out`` in one step; without ``overwrite`` an OUT that appeared meanwhile is refused."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)  # atomic and never clobbers
+    except FileExistsError:
+        raise ConfigError(f"OUT {str(out)!r} appeared while the export ran; nothing was replaced") from None
+    except OSError:  # a filesystem without hard links: claim the name, then replace it
+        os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, out)
+
+
 def _shared(source: AdapterSource, layers: Mapping[str, tuple[int, int]]) -> nn.Module | None:
     if type(source.method).create_shared is Method.create_shared:
         return None
@@ -153,10 +167,7 @@ def export_model_file(
             )
             handle.flush()
             os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, out_path)
-        else:
-            os.link(tmp, out_path)  # refuses an OUT that appeared meanwhile
+        _move_into_place(tmp, out_path, overwrite)
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
