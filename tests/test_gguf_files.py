@@ -178,6 +178,20 @@ def test_a_failed_export_leaves_no_out_file_and_an_old_out_as_it_was(base, train
     assert out.read_bytes() == b"old"
 
 
+def test_what_a_killed_export_left_beside_out_is_removed_by_the_next(base, trained, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".out.gguf.qadapt-{dead.stdout.strip()}-abc.tmp"
+    left.write_bytes(b"half a file")
+    alive = tmp_path / f".out.gguf.qadapt-{os.getpid()}-def.tmp"  # a running export's: kept
+    alive.write_bytes(b"in progress")
+    report = qadapt.export(base, trained[0], tmp_path / "out.gguf", progress=False)
+    assert not left.exists() and alive.exists()
+    assert any("killed" in line for line in report.recovered)
+
+
 def test_the_gguf_backend_passes_the_model_file_check(base):
     testing.check_model_files("gguf", model_file=base)
 

@@ -6,11 +6,12 @@ the adapter with the same engine as every other merge (:func:`qadapt.merging.eng
 keep-state by default, calibrated when per-layer statistics are given) and returns the layer in its own
 format. Everything the backend is not handed back is copied byte for byte. OUT is written to a temporary
 file beside it and linked into place only when complete: a failed export leaves no OUT file (and an
-existing OUT as it was).
+existing OUT as it was); what a killed export left beside OUT is removed by the next export to it.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import time
@@ -63,6 +64,28 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     except OSError:  # a filesystem without hard links: claim the name, then replace it
         os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         os.replace(tmp, out)
+
+
+def _remove_stale(out: Path) -> list[str]:
+    """Remove what killed exports to ``out`` left beside it (temporary files of processes no longer alive)."""
+    removed = []
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.qadapt-*-*.tmp"):
+        pid = leftover.name.removeprefix(f".{out.name}.qadapt-").split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or not leftover.is_file() or leftover.is_symlink():
+            continue
+        leftover.unlink(missing_ok=True)
+        removed.append(f"removed {leftover.name}, left beside OUT by an export that was killed (process {pid})")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _shared(source: AdapterSource, layers: Mapping[str, tuple[int, int]]) -> nn.Module | None:
@@ -158,7 +181,8 @@ def export_model_file(
         raise ConfigError(f"calibration statistics for layers the adapter does not adapt: {', '.join(unknown[:5])}")
     shared = _shared(source, layers)
     results: dict[str, MergeResult] = {}
-    tmp = out_path.parent / f".{out_path.name}.qadapt-{secrets.token_hex(6)}.tmp"
+    recovered = _remove_stale(out_path)
+    tmp = out_path.parent / f".{out_path.name}.qadapt-{os.getpid()}-{secrets.token_hex(6)}.tmp"
     bar = tqdm(total=len(source.layers), desc="qadapt export", unit="layer", disable=not progress)
     try:
         with open(tmp, "xb") as handle:
@@ -184,4 +208,5 @@ def export_model_file(
         peak,
         peak,
         largest * 4,
+        recovered=recovered,
     )
