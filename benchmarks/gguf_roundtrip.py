@@ -35,15 +35,22 @@ from qadapt.cli.real_demo import (
 )
 from qadapt.protocols import CalibrationStats
 
+# The child's own high-water mark: VmHWM belongs to the new process image (getrusage's ru_maxrss carries the
+# parent's peak across fork + exec on Linux).
 _EXPORT_CHILD = """
-import resource, sys, time
+import sys, time
 import qadapt
 from qadapt.registry.model_files import model_file_suffixes
+
+def hwm():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
 model_file_suffixes()  # the plugins loaded: what RSS holds before the export itself
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 started = time.perf_counter()
 qadapt.export(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
-print(time.perf_counter() - started, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - started, before, hwm())
 """
 
 
