@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.qadapt-demo-installed
 PLUGIN_DIST := tests/plugins/qadapt_tinyplugin
 EXAMPLE_DIST := examples/qadapt_int8sym
 
-.PHONY: demo test bench bench-real bench-fidelity docs install clean
+.PHONY: demo test bench bench-real bench-fidelity bench-gguf docs install clean
 
 LOCAL_DISTS_FILES := $(shell find $(PLUGIN_DIST) $(EXAMPLE_DIST) -name '*.py' -o -name pyproject.toml)
 
@@ -51,6 +51,9 @@ bench-real: $(STAMP) $(DEMO_STAMP)
 
 bench-fidelity: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py
+
+bench-gguf: $(STAMP) $(DEMO_STAMP)
+	$(BIN)/python benchmarks/gguf_roundtrip.py
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site

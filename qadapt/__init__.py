@@ -64,6 +64,8 @@ _LAZY: dict[str, str] = {
     "list_adapters": "qadapt.model.layers",
     "load_adapter": "qadapt.persist.adapter",
     "load_config": "qadapt.config",
+    "load_gguf": "qadapt.hf.model_files",
+    "load_model_file": "qadapt.hf.model_files",
     "load_peft_adapter": "qadapt.persist.peft",
     "merge": "qadapt.model.model_merge",
     "merge_storage": "qadapt.merging.engine",
@@ -106,6 +108,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the eager imports
     from qadapt.config import ConfigValidationError, PluginSpec, QAdaptConfig, config_schema, load_config
     from qadapt.exporting import ExportReport, export
     from qadapt.formats.calibration_text import calibration_batches
+    from qadapt.hf.model_files import load_gguf, load_model_file
     from qadapt.merging.engine import merge_storage
     from qadapt.merging.result import MergeResult, RequantizeMode
     from qadapt.model.adapters import (
@@ -185,6 +188,8 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "load_config",
+    "load_gguf",
+    "load_model_file",
     "load_peft_adapter",
     "merge",
     "merge_storage",

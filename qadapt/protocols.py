@@ -10,10 +10,11 @@ Shapes follow ``nn.Linear``: a weight is ``[out_features, in_features]``, inputs
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -97,6 +98,19 @@ class BackendCapabilities:
     #: :meth:`Backend.checkpoint_config` and :meth:`Backend.storage_options`: storage to and from
     #: the key layout transformers writes, so an export streams checkpoint tensors without modules.
     checkpoint: bool = False
+    #: Implements :meth:`Backend.load_model_file`, :meth:`Backend.model_file_layers` and
+    #: :meth:`Backend.write_model_file` for the whole-model files named by
+    #: :attr:`Backend.model_file_suffixes` (a GGUF file): ``qadapt.load_model_file`` and an export
+    #: whose BASE is such a file go through them.
+    model_files: bool = False
+
+
+#: ``rewrite(name, storage, bias) -> (new storage, new bias or None) | None`` (:meth:`Backend.write_model_file`):
+#: ``name`` the layer's canonical module name, ``storage`` its weight as the file holds it, ``bias`` its float32
+#: bias ``[out]`` or None; None keeps the layer's bytes as they are.
+LayerRewrite = Callable[
+    [str, "QuantizedWeight", "torch.Tensor | None"], "tuple[QuantizedWeight, torch.Tensor | None] | None"
+]
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,9 @@ class Backend(_Plugin):
     #: options applied over the base's own format (e.g. ``{"nf4": {"quant_type": "nf4"}}``).
     #: Needs ``capabilities.checkpoint``.
     export_targets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: Suffixes of whole-model files this backend opens and writes (``(".gguf",)``), lower case with the
+    #: dot. Needs ``capabilities.model_files``; two installed backends may not declare the same suffix.
+    model_file_suffixes: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def owns(self, module: nn.Module) -> bool:
@@ -355,6 +372,31 @@ class Backend(_Plugin):
             for key, param in params.items():
                 if module._parameters.get(key) is not param:
                     module._parameters[key] = param
+    def load_model_file(self, path: str | os.PathLike[str], **options: Any) -> nn.Module:
+        """The model in the file ``path`` (a suffix of :attr:`model_file_suffixes`) as a transformers model
+        whose linear layers are modules this backend owns, holding the file's own quantized data (no float
+        copy of them); config and tokenizer as transformers reads them from the file (the tokenizer on
+        ``model.qadapt_tokenizer``). ``options`` are the backend's own (a float dtype for the other tensors).
+
+        The file is hostile: bad headers, shapes, offsets or paths raise
+        :class:`~qadapt.errors.CheckpointError` naming the file and the field; it is never written.
+        Needs ``capabilities.model_files``.
+        """
+        raise _missing(self, "load_model_file")
+
+    def model_file_layers(self, path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+        """``{canonical module name: (in_features, out_features)}`` of the linear layers :meth:`load_model_file`
+        would make this backend's modules (the layers an adapter trained on that model can adapt)."""
+        raise _missing(self, "model_file_layers")
+
+    def write_model_file(self, base: str | os.PathLike[str], out: BinaryIO, rewrite: LayerRewrite) -> list[str]:
+        """Stream the file ``base`` into the open binary file ``out``: every layer of
+        :meth:`model_file_layers` is offered to ``rewrite``; a layer it rewrites is written in its own format
+        (new storage from this backend's requantize, same type and byte size), everything else (metadata,
+        tokenizer, other tensors) is copied byte for byte. Holds at most one layer in memory. Returns the
+        names of the layers rewritten. ``out`` is the caller's (a temporary file it moves into place).
+        """
+        raise _missing(self, "write_model_file")
 
     def snapshot(self, module: nn.Module) -> QuantizedWeight:
         """A copy of the module's storage that :meth:`restore` puts back bit for bit."""

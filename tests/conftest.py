@@ -39,6 +39,7 @@ BACKENDS: list[tuple[str, dict]] = [
     # optimum-quanto QLinear (qint2 is checked in tests/test_quanto.py: its error is above the matrix's bounds).
     ("quanto", {"weights": "qint8"}),
     ("quanto", {"weights": "qint4"}),
+    ("gguf", {"type": "q4_1"}),
 ]
 BACKEND_IDS = [
     "none",
@@ -53,6 +54,7 @@ BACKEND_IDS = [
     "compressed-w8",
     "quanto-qint8",
     "quanto-qint4",
+    "gguf-q4_1",
 ]
 
 

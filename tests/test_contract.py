@@ -19,7 +19,7 @@ from qadapt.registry.reference import FloatBackend
 METHOD_NAMES = ("oft", "randlora", "lora", "dora", "ia3", "vera", "loha", "lokr", "boft", "qalora")
 BUILTIN_METHODS = [name for name in METHOD_NAMES if name in registry.names("methods")]
 #: Backends beside bnb4 that every method is checked on (every method x backend).
-LIBRARY_BACKEND_NAMES = ("torchao", "hqq", "compressed", "quanto")
+LIBRARY_BACKEND_NAMES = ("torchao", "hqq", "compressed", "quanto", "gguf")
 LIBRARY_BACKEND_IDS = [i for i, (name, _) in zip(BACKEND_IDS, BACKENDS, strict=True) if name in LIBRARY_BACKEND_NAMES]
 LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
 
@@ -29,9 +29,11 @@ LIBRARY_BACKENDS = [BACKENDS[BACKEND_IDS.index(i)] for i in LIBRARY_BACKEND_IDS]
 #: code -8 or 7, so the dequantized weight's largest magnitude is 8 steps: a fresh requantize picks a
 #: scale 8/7.5 larger and re-rounds every code (drift about the quantization error itself, 0.067 here).
 #: compressed-tensors' symmetric int4 scales a group's absmax to 7.5 steps the same way.
+#: GGUF's Q4_1/Q5_1 store each block's min as float16: a shifted min is rounded to 11 significant bits.
 CHECK_OPTIONS = {
     ("torchao-int4", "check_requantize_round_trip"): {"max_relative_error": 0.1},
     ("compressed-w4", "check_requantize_round_trip"): {"max_relative_error": 0.1},
+    ("gguf-q4_1", "check_group_offsets"): {"tolerance": 1e-3},
 }
 
 
@@ -116,6 +118,7 @@ OTHER_OPTIONS = {
     "hqq": {"nbits": 3, "group_size": 32, "axis": 0, "compute_dtype": "bfloat16", "optimize": False},
     "compressed": {"group_size": 32, "scale_dtype": "bfloat16"},
     "quanto": {"weights": "qint2"},
+    "gguf": {"type": "q8_0"},
 }
 
 
@@ -278,6 +281,8 @@ class ForLayerWithOtherOptions(AddDelta):
 
     def for_layer(self, name):
         return type(self)({"scale": 0.5})
+
+
 class TrustingCheckpoint(FloatBackend):
     """from_checkpoint takes any float ``weight`` as it comes, whatever its length."""
 

@@ -35,6 +35,12 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "saved adapter after 4 steps",
         "Trainer ran 4 steps; adapter saved",
     ),
+    "docs/gguf.md": (
+        "GgufLinear Q4_1",
+        "14 layer(s) merged",
+        "transformers reads the exported file as the merged model: True",
+        "14 tensors rewritten (Q4_1), metadata kept: True",
+    ),
     "docs/export.md": (
         "exported llama-merged-nf4 (nf4): 14 layer(s) merged",
         "compressed-tensors pack-quantized ['lm_head']",

@@ -245,6 +245,7 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         "qadapt_boft",
         "qadapt_compressed",
         "qadapt_quanto",
+        "qadapt_gguf",
         "qadapt_hqq",
         "qadapt_ia3",
         "qadapt_loha",
@@ -257,9 +258,10 @@ def test_wheel_holds_only_the_qadapt_packages(tmp_path):
         "qadapt_torchao",
         "qadapt_vera",
     }
-    assert {"qadapt_torchao", "qadapt_hqq"} <= top_level
+    assert {"qadapt_torchao", "qadapt_hqq", "qadapt_gguf"} <= top_level
     assert "[qadapt.backends]" in registered and "bnb4 = qadapt_bnb.bnb4:Bnb4Backend" in registered
     assert "torchao = qadapt_torchao.backend:TorchaoBackend" in registered and "hqq = qadapt_hqq.backend" in registered
+    assert "gguf = qadapt_gguf.backend:GgufBackend" in registered
 
 
 def test_qadapt_ships_eleven_methods():

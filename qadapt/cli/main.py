@@ -13,6 +13,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from qadapt.cli.tables import format_table
 from qadapt.errors import QAdaptError
@@ -108,7 +109,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.verbose:
         print(format_table(("layer", "path", "rel. error", "change retained", "kept unmerged"), rows))
     print(report)
-    print(f"per-layer figures: {args.out}/{REPORT_FILE}")
+    if Path(args.out).is_dir():
+        print(f"per-layer figures: {args.out}/{REPORT_FILE}")
     return 0
 
 
@@ -201,14 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and ADAPTER (a qadapt checkpoint or PEFT adapter directory) into OUT, a directory that "
         "AutoModelForCausalLM.from_pretrained(OUT) loads with no extra argument.",
     )
-    exp.add_argument("base", help="transformers model directory (model.safetensors or a sharded index)")
+    exp.add_argument(
+        "base", help="transformers model directory (model.safetensors or a sharded index), or a model file (.gguf)"
+    )
     exp.add_argument("adapter", help="qadapt checkpoint directory or PEFT adapter directory")
-    exp.add_argument("out", help="output directory (written beside, then renamed into place)")
+    exp.add_argument(
+        "out",
+        help="output directory, or for a model file BASE a file of its format (written beside, then moved into place)",
+    )
     exp.add_argument(
         "--to",
-        required=True,
+        default=None,
         help="float32, bf16, fp16, or a target an installed backend declares (nf4, fp4, int8 with bitsandbytes); "
-        "an unknown name lists them",
+        "an unknown name lists them. Required for a model directory; left out for a model file (BASE.gguf -> "
+        "OUT.gguf, every layer in its own type)",
     )
     exp.add_argument(
         "--max-memory",

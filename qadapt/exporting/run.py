@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from qadapt.errors import ConfigError, warn
 from qadapt.exporting.adapter_source import AdapterSource, read_adapter_source
 from qadapt.exporting.calibrated import CalibratedRun, check_calibration_options, resolve_batches
+from qadapt.exporting.model_file import export_model_file
 from qadapt.exporting.output import OutputSlot, check_out, recover_stale
 from qadapt.exporting.plan import Plan, make_plan, mib
 from qadapt.exporting.steps import StepWriter
@@ -40,6 +41,7 @@ from qadapt.formats.local_files import InputDirectory
 from qadapt.merging.engine import check_requantize_mode
 from qadapt.merging.result import LayerFigures, MergeResult
 from qadapt.model.calibration import DEFAULT_MAX_BATCHES, check_limit
+from qadapt.registry.model_files import is_model_file
 
 #: transformers' own default shard size (``save_pretrained``).
 DEFAULT_SHARD_SIZE = "50GB"
@@ -155,7 +157,7 @@ def export(
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    to: str,
+    to: str | None = None,
     max_memory: int | str | None = None,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
@@ -171,10 +173,13 @@ def export(
     """Merge ``adapter`` into the model at ``base`` and write a model directory at ``out``.
 
     Args:
-        base: a transformers model directory (safetensors; float, or quantized as transformers saves it).
+        base: a transformers model directory (safetensors; float, or quantized as transformers saves it), or a
+            model file an installed backend opens (a ``.gguf``; see
+            :func:`qadapt.exporting.model_file.export_model_file`): OUT is then a file of the same format and
+            ``to`` is left out.
         adapter: a qadapt checkpoint directory (``save_adapter``) or a PEFT adapter directory.
         out: the directory to write; ``AutoModelForCausalLM.from_pretrained(out)`` loads it as it is.
-        to: a float dtype (``float32``, ``bf16``, ``fp16``) or a target a backend declares
+        to: (a model directory only) a float dtype (``float32``, ``bf16``, ``fp16``) or a target a backend declares
             (``qadapt.exporting.export_targets()``: ``nf4``, ``fp4``, ``int8`` with bitsandbytes).
         max_memory: cap on working memory (bytes or ``"2GiB"``); default ``MEMORY_MULTIPLE`` (8) float32 copies of the
             base's largest tensor. Checked for every layer before anything is written.
@@ -207,6 +212,20 @@ def export(
             adapter that does not fit the base (every layer of another shape, with both shapes).
         CapabilityError: the target's backend cannot write checkpoints.
     """
+    if is_model_file(base):  # a whole-model file (a .gguf): written back in its own format, layer by layer
+        if calibration is not None:
+            raise ConfigError(
+                f"calibration= (--calibration) is not taken for a model file BASE ({str(base)!r}) yet: gather the "
+                "statistics in memory and pass them to qadapt.exporting.model_file.export_model_file(calibration_stats=)"
+            )
+        if to is not None or backend_options or quantize_float_linears:
+            raise ConfigError(
+                f"BASE {str(base)!r} is a model file: OUT is written in BASE's own format, every layer in its own "
+                "type; leave out to= (--to), backend options and quantize_float_linears"
+            )
+        return export_model_file(base, adapter, out, requantize=requantize, overwrite=overwrite, progress=progress)
+    if to is None:
+        raise ConfigError("to= (--to) is required for a model directory: a float dtype or a backend's export target")
     started = time.perf_counter()
     out = Path(out)
     # The arguments first (nothing is read), then the paths.

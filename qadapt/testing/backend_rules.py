@@ -615,6 +615,62 @@ def check_checkpoint_refuses_damaged_tensors(
             assert read is None, f"from_checkpoint() read a layer whose {key!r} is {what} instead of refusing it"
 
 
+def _overrides(backend: Backend, member: str) -> bool:
+    return getattr(type(backend), member) is not getattr(Backend, member)
+
+
+def check_model_files(backend: Backend | str, *, options: Any = None, model_file: Any = None) -> None:
+    """With ``capabilities.model_files``: suffixes are declared (lower case, with the dot) and the three members
+    implemented; given a ``model_file`` of that format, ``load_model_file`` makes exactly the layers
+    ``model_file_layers`` lists into owned modules of those shapes, and ``write_model_file`` writes the file back
+    byte for byte when nothing is rewritten and when every layer is rewritten with its own weight (keep-state
+    where offered, else ``requantize``). Without the capability, no suffix may be declared."""
+    import tempfile
+    from pathlib import Path
+
+    backend = _backend(backend, options)
+    suffixes = tuple(type(backend).model_file_suffixes)
+    if not backend.capabilities.model_files:
+        assert not suffixes, "model_file_suffixes need capabilities.model_files"
+        return
+    assert suffixes, "capabilities.model_files is set but model_file_suffixes is empty"
+    for suffix in suffixes:
+        assert suffix.startswith(".") and suffix == suffix.lower() and len(suffix) > 1, f"model file suffix {suffix!r}"
+    for member in ("load_model_file", "model_file_layers", "write_model_file"):
+        assert _overrides(backend, member), f"capabilities.model_files is set but {member}() is not implemented"
+    if model_file is None:
+        return
+    path = Path(model_file)
+    original = path.read_bytes()
+    layers = backend.model_file_layers(path)
+    model = backend.load_model_file(path)
+    owned = {name: m for name, m in model.named_modules() if backend.owns(m)}
+    assert set(owned) == set(layers), (
+        f"load_model_file() owns {sorted(owned)[:3]}..., model_file_layers() lists {sorted(layers)[:3]}..."
+    )
+    for name, module in owned.items():
+        assert tuple(backend.features(module)) == tuple(layers[name]), (
+            f"{name}: features differ from model_file_layers()"
+        )
+    seen: list[str] = []
+
+    def same(name: str, storage: QuantizedWeight, bias: torch.Tensor | None) -> tuple[QuantizedWeight, None]:
+        seen.append(name)
+        weight = backend.dequantize(storage)
+        if backend.capabilities.keep_state:
+            return backend.requantize_keep_state(weight, storage), None
+        return backend.requantize(weight, like=storage), None
+
+    for label, rewrite in (("nothing rewritten", lambda name, storage, bias: None), ("own weights rewritten", same)):
+        with tempfile.TemporaryFile() as handle:
+            backend.write_model_file(path, handle, rewrite)
+            handle.seek(0)
+            written = handle.read()
+        assert written == original, f"write_model_file() with {label} does not reproduce the file byte for byte"
+    assert sorted(seen) == sorted(layers), "write_model_file() did not offer every layer of model_file_layers()"
+    assert path.read_bytes() == original, "the model file changed while it was read"
+
+
 def backend_checks() -> list[BackendCheck]:
     """Every backend check, for ``pytest.mark.parametrize``."""
     return [
@@ -637,4 +693,5 @@ def backend_checks() -> list[BackendCheck]:
         check_casts_keep_the_format,
         check_checkpoint_round_trip,
         check_checkpoint_refuses_damaged_tensors,
+        check_model_files,
     ]
