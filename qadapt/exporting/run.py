@@ -216,7 +216,8 @@ def export(
         if calibration is not None:
             raise ConfigError(
                 f"calibration= (--calibration) is not taken for a model file BASE ({str(base)!r}) yet: gather the "
-                "statistics in memory and pass them to qadapt.exporting.model_file.export_model_file(calibration_stats=)"
+                "statistics in memory and pass them to "
+                "qadapt.exporting.model_file.export_model_file(calibration_stats=)"
             )
         if to is not None or backend_options or quantize_float_linears:
             raise ConfigError(
