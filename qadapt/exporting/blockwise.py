@@ -188,7 +188,9 @@ class DecoderRunner:
         outputs: list[torch.Tensor] = []
         handle = block.register_forward_hook(lambda _m, _a, _k, out: outputs.append(_hidden(out)), with_kwargs=True)
         try:
-            stats = collect_stats(block, [(n, linears[n]) for n in adapted], *self._fit_and_heldout())
+            stats = collect_stats(
+                block, [(n, linears[n]) for n in adapted], *self._fit_and_heldout(), stop_early=False
+            )
         finally:
             handle.remove()
         if not adapted:  # collect_stats ran nothing: run the block for its outputs

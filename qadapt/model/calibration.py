@@ -223,6 +223,8 @@ def collect_stats(
     fit: Sequence[Indexed],
     heldout: Sequence[Indexed],
     outputs: list[torch.Tensor] | None = None,
+    *,
+    stop_early: bool = True,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches through ``model`` and accumulate each layer's input statistics.
 
@@ -230,7 +232,9 @@ def collect_stats(
     pre-hooks, removed afterwards). Memory: two ``[in, in]`` float32 matrices per layer.
     ``fit`` / ``heldout``: ``(position, batch)`` pairs (:class:`Batches`). ``outputs``: a list to
     append the model's logits on each held-out batch to (float32, CPU), as :func:`model_outputs`
-    gives them: the held-out pass runs anyway.
+    gives them: the held-out pass runs anyway. ``stop_early``: a fit batch's forward may stop once
+    every layer saw its input (False: every forward runs to its end, for callers that keep the
+    model's outputs with their own hooks, as the calibrated export does with each block's).
 
     Raises:
         InputError: a batch made a layer's statistics non-finite, naming the batch and the layer.
@@ -248,7 +252,7 @@ def collect_stats(
         with eval_mode(model):
             for held, batches in ((False, fit), (True, heldout)):
                 for index, batch in batches:
-                    gatherer.start_batch(held, cut=not held or outputs is None)
+                    gatherer.start_batch(held, cut=stop_early and (not held or outputs is None))
                     try:
                         out = run_model(model, batch)
                     except _StopForward:
