@@ -160,8 +160,8 @@ def _merge_aware_row(task: Task, name: str, steps: int, base: float, tuned: floa
     return row
 
 
-def run_config(task: Task, name: str, steps: int, folder: Path) -> list[Row]:
-    """Every row for one adapter configuration."""
+def run_config(task: Task, name: str, steps: int, folder: Path, skip: frozenset[str] = frozenset()) -> list[Row]:
+    """Every row for one adapter configuration (``skip``: row keys left out, see ``--skip``)."""
     model = _wrap(task, name)
     with qadapt.disable_adapters(model):
         base = demo.perplexity(model, task.heldout)
@@ -178,7 +178,9 @@ def run_config(task: Task, name: str, steps: int, folder: Path) -> list[Row]:
         _merge_row(model, task, "default (no data)", base, tuned),
         _merge_row(model, task, "calibrated", base, tuned, calibration=batches),
     ]
-    if "sequential" in inspect.signature(qadapt.merge).parameters:
+    if "sequential" in skip:
+        rows.append(Row("", "sequential", None, None, None, "skipped (--skip)"))
+    elif "sequential" in inspect.signature(qadapt.merge).parameters:
         rows.append(_merge_row(model, task, "sequential", base, tuned, calibration=batches, sequential=True))
     else:
         rows.append(Row("", "sequential", None, None, None, "skipped: merge() has no sequential option here"))
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 30; quick 5)")
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS), help="all (quick: lora-nf4)")
     parser.add_argument("--out", default=None, help="write results.json and results.md here")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["sequential"],
+        help="rows to leave out (sequential=True runs the statistics once per layer: 210 runs on SmolLM2)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 30)
     configs = args.configs or (["lora-nf4"] if args.quick else list(CONFIGS))
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         task.tokenizer.save_pretrained(folder / "base")
         (folder / "calibration.txt").write_text(task.train_text, encoding="utf-8")
         for name in configs:
-            rows += run_config(task, name, steps, folder)
+            rows += run_config(task, name, steps, folder, frozenset(args.skip))
             print(table([r for r in rows if r.config == name]), flush=True)
     text = table(rows)
     print("\n" + text)
