@@ -366,6 +366,16 @@ def check_keep_state_requantize(
         )
 
 
+def _group_case(
+    backend: Backend, in_features: int, out_features: int, seed: int
+) -> tuple[QuantizedWeight, QuantizedWeight, torch.Tensor, Any]:
+    """A quantized layer's storage, a copy of it (to check it is left alone), its weight
+    ``[out, in]`` and its group layout: the start of the group-scale and group-offset checks."""
+    _, module = _quantized(backend, in_features, out_features, seed)
+    storage = backend.get_storage(module)
+    return storage, storage.clone(), backend.dequantize(storage), backend.group_layout(storage)
+
+
 def check_group_scales(
     backend: Backend | str,
     *,
@@ -381,11 +391,7 @@ def check_group_scales(
     backend = _backend(backend, options)
     if not backend.capabilities.group_scales:
         return
-    _, module = _quantized(backend, in_features, out_features, seed)
-    storage = backend.get_storage(module)
-    before = storage.clone()
-    weight = backend.dequantize(storage)
-    layout = backend.group_layout(storage)
+    storage, before, weight, layout = _group_case(backend, in_features, out_features, seed)
     scales = backend.get_group_scales(storage)
     assert scales.shape == (layout.num_groups,), f"get_group_scales() shape {tuple(scales.shape)}"
     assert scales.dtype == torch.float32, f"get_group_scales() must return float32, got {scales.dtype}"
@@ -421,11 +427,7 @@ def check_group_offsets(
     backend = _backend(backend, options)
     if not backend.capabilities.group_offsets:
         return
-    _, module = _quantized(backend, in_features, out_features, seed)
-    storage = backend.get_storage(module)
-    before = storage.clone()
-    weight = backend.dequantize(storage)
-    layout = backend.group_layout(storage)
+    storage, before, weight, layout = _group_case(backend, in_features, out_features, seed)
     offsets = backend.get_group_offsets(storage)
     assert offsets.shape == (layout.num_groups,), f"get_group_offsets() shape {tuple(offsets.shape)}"
     assert offsets.dtype == torch.float32, f"get_group_offsets() must return float32, got {offsets.dtype}"
